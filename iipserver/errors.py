@@ -1,0 +1,72 @@
+"""The one exception hierarchy; ``app.py`` turns each class into a response in one table."""
+
+from __future__ import annotations
+
+
+class IIPServerError(Exception):
+    """Base of every error the server raises on purpose."""
+
+    status = 500
+
+    def __init__(self, message: str = "") -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class ConfigError(IIPServerError):
+    """A setting (environment variable or option) has a value the server cannot use."""
+
+
+class ProtocolError(IIPServerError):
+    """An IIP protocol error, answered as an ``Error/<len>:<code> <arg>`` body."""
+
+    status = 400
+
+    def __init__(self, code: str, argument: str) -> None:
+        super().__init__(f"{code} {argument}")
+        self.code = code
+        self.argument = argument
+
+
+class BadRequest(IIPServerError):
+    """A parameter the client sent is invalid (a plain-text 400)."""
+
+    status = 400
+
+
+class BannerError(IIPServerError):
+    """A request iipsrv answers with its HTML banner and 400 (empty request, negative tile)."""
+
+    status = 400
+
+
+class UnsupportedImage(BannerError):
+    """The file exists but is not an image format any source can read."""
+
+
+class NotFound(IIPServerError):
+    """Something the client named does not exist (a plain-text 404)."""
+
+    status = 404
+
+
+class ImageNotFound(NotFound):
+    """The image path names no readable file or image sequence."""
+
+
+class ResolutionNotFound(NotFound):
+    """The requested resolution level does not exist."""
+
+
+class TileNotFound(NotFound):
+    """The requested tile does not exist at that resolution."""
+
+
+class ImageReadError(NotFound):
+    """The image file could not be read (corrupt, truncated, replaced while open)."""
+
+
+class NotModified(Exception):  # noqa: N818 - a response, not an error
+    """The image has not changed since the client's If-Modified-Since: answer 304."""
+
+    status = 304

@@ -1,0 +1,122 @@
+"""The image-source interface: what every reader (TIFF, zarr, …) offers the pipeline."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+#: Metadata keys a source may fill (values are text); see ``protocol.responses`` for OBJ names.
+METADATA_KEYS = (
+    "artist",
+    "copyright",
+    "datetime",
+    "description",
+    "software",
+    "document_name",
+    "page_name",
+    "make",
+    "model",
+    "xmp",
+    "scale",
+)
+
+
+@dataclass(frozen=True)
+class Level:
+    """One pyramid level: its size and tile size in pixels."""
+
+    width: int
+    height: int
+    tile_width: int
+    tile_height: int
+
+    @property
+    def tiles_across(self) -> int:
+        """Number of tile columns."""
+        return math.ceil(self.width / self.tile_width)
+
+    @property
+    def tiles_down(self) -> int:
+        """Number of tile rows."""
+        return math.ceil(self.height / self.tile_height)
+
+    @property
+    def tile_count(self) -> int:
+        """Number of tiles at this level."""
+        return self.tiles_across * self.tiles_down
+
+    def tile_box(self, index: int) -> tuple[int, int, int, int]:
+        """Return (x, y, width, height) of tile ``index`` (row-major), cropped at the edges."""
+        ty, tx = divmod(index, self.tiles_across)
+        x, y = tx * self.tile_width, ty * self.tile_height
+        return x, y, min(self.tile_width, self.width - x), min(self.tile_height, self.height - y)
+
+
+@dataclass(frozen=True)
+class SourceInfo:
+    """Everything about an image that does not need pixels.
+
+    ``levels`` are in IIP order: ``levels[0]`` is the smallest, ``levels[-1]`` full resolution.
+    """
+
+    levels: tuple[Level, ...]
+    channels: int
+    bits_per_sample: int
+    sample_format: str
+    """``uint``, ``int`` or ``float``."""
+    dtype: str
+    """numpy dtype name of the pixels ``read_tile`` returns."""
+    min_values: tuple[float, ...]
+    max_values: tuple[float, ...]
+    colorspace: str
+    """``sRGB``, ``GREYSCALE``, ``BINARY`` or ``CIELAB``."""
+    metadata: dict[str, str] = field(default_factory=dict)
+    dpi: tuple[float, float] | None = None
+    """Pixels per metre in x and y, when the file records a resolution."""
+    horizontal_views: tuple[int, ...] = (0,)
+    vertical_views: tuple[int, ...] = (90,)
+
+    @property
+    def width(self) -> int:
+        """Full-resolution width."""
+        return self.levels[-1].width
+
+    @property
+    def height(self) -> int:
+        """Full-resolution height."""
+        return self.levels[-1].height
+
+    @property
+    def tile_size(self) -> tuple[int, int]:
+        """Tile width and height of the full-resolution level."""
+        return self.levels[-1].tile_width, self.levels[-1].tile_height
+
+
+class ImageSource(Protocol):
+    """A readable pyramidal image.
+
+    Resolutions are numbered as IIP does: 0 is the smallest level. Arrays are ``(height, width,
+    channels)`` in the source's native dtype (``info.dtype``), always three-dimensional.
+    """
+
+    info: SourceInfo
+
+    def read_tile(self, resolution: int, index: int) -> np.ndarray:
+        """Return tile ``index`` (row-major) of ``resolution``, cropped to the real edge size.
+
+        Raises:
+            ResolutionNotFound, TileNotFound: the level or tile does not exist.
+            ImageReadError: the file cannot be read or decoded.
+        """
+        ...
+
+    def read_region(self, resolution: int, x: int, y: int, width: int, height: int) -> np.ndarray:
+        """Return the pixels of a rectangle of ``resolution`` (clipped to the level)."""
+        ...
+
+    def close(self) -> None:
+        """Release open file handles; the source reopens them on the next read."""
+        ...

@@ -1,0 +1,328 @@
+"""Tiled pyramidal TIFF and BigTIFF through tifffile: single tiles read by file offset."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+import tifffile
+
+from iipserver.errors import ImageReadError, ResolutionNotFound, TileNotFound
+from iipserver.sources.base import Level, SourceInfo
+
+log = logging.getLogger(__name__)
+
+#: Virtual tile size for levels stored in strips rather than tiles.
+STRIP_TILE = 256
+
+_METADATA_TAGS = {
+    "ImageDescription": "description",
+    "Artist": "artist",
+    "Copyright": "copyright",
+    "DateTime": "datetime",
+    "Software": "software",
+    "DocumentName": "document_name",
+    "PageName": "page_name",
+    "Make": "make",
+    "Model": "model",
+    "XMLPacket": "xmp",
+    "StoNits": "scale",
+}
+
+_DEFAULT_MAX = {8: 255.0, 12: 4095.0, 16: 65535.0, 32: 4294967295.0}
+
+
+def _is_mask(page: tifffile.TiffPage) -> bool:
+    return bool(int(page.subfiletype) & 4)
+
+
+def _same_layout(page: tifffile.TiffPage, base: tifffile.TiffPage) -> bool:
+    return (
+        page.samplesperpixel == base.samplesperpixel
+        and page.bitspersample == base.bitspersample
+        and page.sampleformat == base.sampleformat
+        and page.imagedepth == 1
+        and not _is_mask(page)
+        and page.imagewidth < base.imagewidth
+        and page.imagelength <= base.imagelength
+    )
+
+
+def _pyramid_pages(tif: tifffile.TiffFile) -> list[tifffile.TiffPage]:
+    """Return the pages that are real pyramid levels, largest first.
+
+    Levels are either SubIFDs of the first page or successive top-level IFDs. Thumbnails (untiled
+    reduced pages), masks and pages of another pixel layout are not levels.
+    """
+    first = tif.pages.first
+    levels: list[tifffile.TiffPage] = [first]
+    candidates: list[Any] = []
+    if first.subifds:
+        # TiffPage(…, index) reads at the current file position: seek to each SubIFD first.
+        for i, offset in enumerate(first.subifds):
+            tif.filehandle.seek(offset)
+            candidates.append(tifffile.TiffPage(tif, index=(0, i)))
+    else:
+        candidates = list(tif.pages[1:])
+    for page in candidates:
+        if not isinstance(page, tifffile.TiffPage):
+            page = page.aspage()
+        previous = levels[-1]
+        if _same_layout(page, previous) and (page.is_tiled or not first.is_tiled):
+            levels.append(page)
+    return levels
+
+
+def _tag(page: tifffile.TiffPage, name: str) -> Any:
+    tag = page.tags.get(name)
+    return None if tag is None else tag.value
+
+
+def _per_channel(value: Any, channels: int) -> list[float] | None:
+    if value is None:
+        return None
+    values = [float(v) for v in np.atleast_1d(np.asarray(value, dtype=np.float64)).ravel()]
+    if not values:
+        return None
+    if len(values) < channels:
+        values = values + [values[-1]] * (channels - len(values))
+    return values[:channels]
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def _dpi(page: tifffile.TiffPage) -> tuple[float, float] | None:
+    xres, yres = _tag(page, "XResolution"), _tag(page, "YResolution")
+    if not xres or not yres:
+        return None
+    unit = int(_tag(page, "ResolutionUnit") or 2)
+    scale = 100.0 if unit == 3 else 1 / 0.0254
+
+    def value(r: Any) -> float:
+        return float(r[0]) / float(r[1]) if isinstance(r, tuple) else float(r)
+
+    return value(xres) * scale, value(yres) * scale
+
+
+class TiffSource:
+    """A pyramidal TIFF/BigTIFF file.
+
+    Resolution ``r`` is IIP-numbered (0 = smallest). Tiles are read with one ``pread`` of the
+    stored tile and decoded by tifffile's codec for that page; arrays are ``(h, w, channels)``.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        self._fd: int | None = None
+        self._users = 0
+        self._close_pending = False
+        try:
+            with tifffile.TiffFile(path) as tif:
+                pages = _pyramid_pages(tif)
+                for page in pages:  # build each decode closure while the file is open
+                    _ = page.decode
+                self._pages = pages[::-1]  # IIP order: smallest first
+                self.info = self._read_info(pages)
+        except (tifffile.TiffFileError, ValueError, OSError, IndexError, KeyError) as exc:
+            raise ImageReadError(f"unreadable TIFF ({exc.__class__.__name__})") from exc
+
+    def _read_info(self, pages: list[tifffile.TiffPage]) -> SourceInfo:
+        first = pages[0]
+        photometric = int(first.photometric)
+        bps = int(first.bitspersample)
+        spp = int(first.samplesperpixel)
+        fmt = {1: "uint", 2: "int", 3: "float"}.get(int(first.sampleformat), "uint")
+        self._palette: np.ndarray | None = None
+        channels, dtype = spp, np.dtype(first.dtype)
+        if photometric == 3 and first.colormap is not None:  # palette → RGB
+            self._palette = (np.asarray(first.colormap).T >> 8).astype(np.uint8)
+            channels, dtype, bps = 3, np.dtype(np.uint8), 8
+        elif bps == 1:
+            dtype = np.dtype(np.uint8)
+        if photometric == 8:
+            colorspace = "CIELAB"
+        elif photometric == 1:
+            colorspace = "BINARY" if bps == 1 else "GREYSCALE"
+        else:
+            colorspace = "sRGB"
+        levels = []
+        for page in pages[::-1]:
+            if page.is_tiled:
+                levels.append(Level(page.imagewidth, page.imagelength, page.tilewidth, page.tilelength))
+            else:
+                levels.append(Level(page.imagewidth, page.imagelength, STRIP_TILE, STRIP_TILE))
+        mins = _per_channel(_tag(first, "SMinSampleValue"), channels)
+        maxs = _per_channel(_tag(first, "SMaxSampleValue"), channels)
+        metadata = {}
+        for tag, key in _METADATA_TAGS.items():
+            value = _tag(first, tag)
+            if value not in (None, "", b""):
+                metadata[key] = _text(value)
+        info = SourceInfo(
+            levels=tuple(levels),
+            channels=channels,
+            bits_per_sample=int(first.bitspersample),
+            sample_format=fmt,
+            dtype=dtype.name,
+            min_values=(),
+            max_values=(),
+            colorspace=colorspace,
+            metadata=metadata,
+            dpi=_dpi(first),
+        )
+        self.info = info
+        if fmt == "float" and (maxs is None or not any(maxs)):
+            lo, hi = self._computed_range()
+            mins = mins if mins is not None else lo
+            maxs = hi
+        mins = mins if mins is not None else [0.0] * channels
+        if maxs is None or not any(maxs):
+            maxs = [_DEFAULT_MAX.get(bps if bps > 8 else 8, 255.0)] * channels
+        return SourceInfo(**{**info.__dict__, "min_values": tuple(mins), "max_values": tuple(maxs)})
+
+    def _computed_range(self) -> tuple[list[float], list[float]]:
+        """Per-channel finite min/max of the smallest level (policy §2)."""
+        level = self.info.levels[0]
+        data = self.read_region(0, 0, 0, level.width, level.height).astype(np.float64)
+        flat = data.reshape(-1, data.shape[-1])
+        lo, hi = [], []
+        for c in range(flat.shape[1]):
+            finite = flat[:, c][np.isfinite(flat[:, c])]
+            lo.append(float(finite.min()) if finite.size else 0.0)
+            hi.append(float(finite.max()) if finite.size else 1.0)
+        return lo, hi
+
+    @contextmanager
+    def _file(self) -> Iterator[int]:
+        with self._lock:
+            if self._fd is None:
+                try:
+                    self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+                except OSError as exc:
+                    raise ImageReadError("image file could not be reopened") from exc
+            self._users += 1
+            fd = self._fd
+        try:
+            yield fd
+        finally:
+            with self._lock:
+                self._users -= 1
+                if self._close_pending and self._users == 0:
+                    self._close_locked()
+
+    def _close_locked(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        self._close_pending = False
+
+    def close(self) -> None:
+        """Close the file handle now, or after the reads in progress finish."""
+        with self._lock:
+            if self._users:
+                self._close_pending = True
+            else:
+                self._close_locked()
+
+    def _page(self, resolution: int) -> tifffile.TiffPage:
+        if not 0 <= resolution < len(self._pages):
+            raise ResolutionNotFound(f"Asked for non-existent resolution: {resolution}")
+        return self._pages[resolution]
+
+    def read_tile(self, resolution: int, index: int) -> np.ndarray:
+        """Return one tile (see ``ImageSource.read_tile``)."""
+        page = self._page(resolution)
+        level = self.info.levels[resolution]
+        if not 0 <= index < level.tile_count:
+            raise TileNotFound(f"Asked for non-existent tile: {index}")
+        x, y, w, h = level.tile_box(index)
+        if not page.is_tiled:
+            return self.read_region(resolution, x, y, w, h)
+        planes = int(page.samplesperpixel) if int(page.planarconfig) == 2 else 1
+        per_plane = level.tile_count
+        parts = []
+        with self._file() as fd:
+            for plane in range(planes):
+                parts.append(self._decode(fd, page, plane * per_plane + index, h, w))
+        tile = parts[0] if planes == 1 else np.concatenate(parts, axis=2)
+        return self._finish(tile)
+
+    def _decode(self, fd: int, page: tifffile.TiffPage, segment: int, h: int, w: int) -> np.ndarray:
+        offset = int(page.dataoffsets[segment])
+        count = int(page.databytecounts[segment])
+        try:
+            data = os.pread(fd, count, offset) if count else None
+            if count and len(data or b"") != count:
+                raise ImageReadError("tile data is truncated")
+            decoded, _, _ = page.decode(data, segment, jpegtables=page.jpegtables)
+        except ImageReadError:
+            raise
+        except Exception as exc:  # any codec failure is a bad file, not a server fault
+            raise ImageReadError(f"tile could not be decoded ({exc.__class__.__name__})") from exc
+        if decoded is None:  # empty tile: zeros
+            samples = 1 if int(page.planarconfig) == 2 else int(page.samplesperpixel)
+            return np.zeros((h, w, samples), dtype=page.dtype)
+        decoded = np.asarray(decoded)
+        return decoded.reshape(decoded.shape[-3:])[:h, :w]
+
+    def _finish(self, tile: np.ndarray) -> np.ndarray:
+        if self._palette is not None:
+            return self._palette[tile[..., 0]]
+        if self.info.bits_per_sample == 1:
+            return np.where(tile.astype(bool), np.uint8(255), np.uint8(0))
+        return tile
+
+    def read_region(self, resolution: int, x: int, y: int, width: int, height: int) -> np.ndarray:
+        """Return a rectangle of one level (see ``ImageSource.read_region``)."""
+        page = self._page(resolution)
+        level = self.info.levels[resolution]
+        x0, y0 = max(0, x), max(0, y)
+        x1, y1 = min(level.width, x + width), min(level.height, y + height)
+        if x1 <= x0 or y1 <= y0:
+            return np.zeros((0, 0, self.info.channels), dtype=self.info.dtype)
+        if page.is_tiled:
+            return self._region_from_tiles(resolution, x0, y0, x1, y1)
+        try:
+            with tifffile.TiffFile(self.path) as tif:
+                store = self._reopen_page(tif, page).aszarr()
+                import zarr
+
+                array = zarr.open(store, mode="r")
+                data = np.asarray(array[y0:y1, x0:x1])
+        except Exception as exc:
+            raise ImageReadError(f"strip data could not be read ({exc.__class__.__name__})") from exc
+        if data.ndim == 2:
+            data = data[:, :, None]
+        return self._finish(data)
+
+    def _reopen_page(self, tif: tifffile.TiffFile, page: tifffile.TiffPage) -> tifffile.TiffPage:
+        index = page.index
+        if isinstance(index, tuple):
+            tif.filehandle.seek(page.offset)
+            return tifffile.TiffPage(tif, index=index)
+        return tif.pages[index].aspage()
+
+    def _region_from_tiles(self, resolution: int, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
+        level = self.info.levels[resolution]
+        tw, th = level.tile_width, level.tile_height
+        out = np.empty((y1 - y0, x1 - x0, self.info.channels), dtype=self.info.dtype)
+        for ty in range(y0 // th, (y1 - 1) // th + 1):
+            for tx in range(x0 // tw, (x1 - 1) // tw + 1):
+                tile = self.read_tile(resolution, ty * level.tiles_across + tx)
+                bx, by = tx * tw, ty * th
+                sx0, sy0 = max(x0, bx), max(y0, by)
+                sx1, sy1 = min(x1, bx + tile.shape[1]), min(y1, by + tile.shape[0])
+                out[sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0] = tile[sy0 - by : sy1 - by, sx0 - bx : sx1 - bx]
+        return out
