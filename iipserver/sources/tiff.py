@@ -107,6 +107,8 @@ def _dpi(page: tifffile.TiffPage) -> tuple[float, float] | None:
     if not xres or not yres:
         return None
     unit = int(_tag(page, "ResolutionUnit") or 2)
+    if unit == 1:  # no absolute unit: not a physical resolution
+        return None
     scale = 100.0 if unit == 3 else 1 / 0.0254
 
     def value(r: Any) -> float:
