@@ -18,14 +18,23 @@ class ConfigError(IIPServerError):
 
 
 class ProtocolError(IIPServerError):
-    """An IIP protocol error, answered as an ``Error/<len>:<code> <arg>`` body."""
+    """IIP protocol errors, answered as ``Error/<len>:<code> <arg>`` lines in one body.
+
+    ``lines`` holds every error of the request in order (earlier ``2 2`` errors included).
+    """
 
     status = 400
 
     def __init__(self, code: str, argument: str) -> None:
         super().__init__(f"{code} {argument}")
-        self.code = code
-        self.argument = argument
+        self.lines: list[tuple[str, str]] = [(code, argument)]
+
+    @classmethod
+    def of(cls, lines: list[tuple[str, str]]) -> ProtocolError:
+        """Build one error carrying several lines."""
+        error = cls(*lines[0])
+        error.lines = list(lines)
+        return error
 
 
 class BadRequest(IIPServerError):
@@ -66,7 +75,17 @@ class ImageReadError(NotFound):
     """The image file could not be read (corrupt, truncated, replaced while open)."""
 
 
+class NotImplementedCommand(IIPServerError):
+    """A command of the IIP protocol that this server does not implement yet."""
+
+    status = 501
+
+
 class NotModified(Exception):  # noqa: N818 - a response, not an error
     """The image has not changed since the client's If-Modified-Since: answer 304."""
 
     status = 304
+
+    def __init__(self, last_modified: float) -> None:
+        super().__init__("not modified")
+        self.last_modified = last_modified

@@ -1,0 +1,51 @@
+"""Image sources: choose a reader for a file through a registry of magic-byte detectors."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+from iipserver.errors import ImageReadError, UnsupportedImage
+from iipserver.sources.base import ImageSource, Level, SourceInfo
+from iipserver.sources.tiff import TiffSource
+from iipserver.sources.zarr import ZarrSource, is_zarr
+
+__all__ = ["SOURCES", "ImageSource", "Level", "SourceInfo", "detect", "open_source"]
+
+#: Leading bytes → source factory. TIFF, BigTIFF (both byte orders) and the old "I I" variant.
+SOURCES: dict[bytes, Callable[[str], ImageSource]] = {
+    b"II*\x00": TiffSource,
+    b"MM\x00*": TiffSource,
+    b"II+\x00": TiffSource,
+    b"MM\x00+": TiffSource,
+    b"I I": TiffSource,
+}
+
+
+def detect(path: str) -> Callable[[str], ImageSource]:
+    """Return the source factory for ``path`` (a file or a zarr directory).
+
+    Raises:
+        ImageReadError: the file is too short to identify.
+        UnsupportedImage: no registered source reads this format.
+    """
+    if os.path.isdir(path):
+        if is_zarr(path):
+            return ZarrSource
+        raise UnsupportedImage("Unsupported image type")
+    try:
+        with open(path, "rb") as f:
+            head = f.read(10)
+    except OSError as exc:
+        raise ImageReadError("Unable to open file") from exc
+    if len(head) < 10:
+        raise ImageReadError("Unable to read initial byte sequence from file")
+    for magic, factory in SOURCES.items():
+        if head.startswith(magic):
+            return factory
+    raise UnsupportedImage("Unsupported image type")
+
+
+def open_source(path: str) -> ImageSource:
+    """Open ``path`` with the source its format calls for."""
+    return detect(path)(path)

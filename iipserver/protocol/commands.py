@@ -1,0 +1,290 @@
+"""IIP commands: tokens parsed into typed, immutable command objects (no I/O, no numpy).
+
+Parsing never raises. A token whose argument cannot be understood becomes an ``Invalid``
+command holding the error, raised only when the command's turn comes, so that errors appear in
+the order iipsrv would meet them.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from iipserver.encoders import OutputFormat
+from iipserver.errors import BannerError, IIPServerError, ProtocolError
+from iipserver.protocol.query import Token, tokenize, url_decode
+
+_INT = re.compile(r"\s*([+-]?\d+)")
+_FLOAT = re.compile(
+    r"\s*([+-]?(?:(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?|inf(?:inity)?|nan))", re.IGNORECASE
+)
+
+
+class Command:
+    """Base of every parsed command."""
+
+
+@dataclass(frozen=True)
+class Fif(Command):
+    """FIF: select the image (path URL-decoded once)."""
+
+    path: str
+
+
+@dataclass(frozen=True)
+class Obj(Command):
+    """OBJ: ask for a metadata object (name lower-cased)."""
+
+    name: str
+
+
+@dataclass(frozen=True)
+class Quality(Command):
+    """QLT: output quality."""
+
+    value: int
+
+
+@dataclass(frozen=True)
+class Sequence(Command):
+    """SDS: horizontal and vertical sequence angles."""
+
+    x: int
+    y: int
+
+
+@dataclass(frozen=True)
+class MinMax(Command):
+    """MINMAX: normalisation range of one channel (0-based here) or of all (None)."""
+
+    channel: int | None
+    lo: float
+    hi: float
+
+
+@dataclass(frozen=True)
+class Contrast(Command):
+    """CNT: a multiplier, or ``eq`` (equalisation) / ``st`` (stretch)."""
+
+    value: float = 1.0
+    mode: str | None = None
+
+
+@dataclass(frozen=True)
+class Gamma(Command):
+    """GAM: an exponent, or the logarithmic curve."""
+
+    value: float = 1.0
+    log: bool = False
+
+
+@dataclass(frozen=True)
+class Invert(Command):
+    """INV: invert the normalised values."""
+
+
+@dataclass(frozen=True)
+class Colormap(Command):
+    """CMP: colour-map name (lower-cased)."""
+
+    name: str
+
+
+@dataclass(frozen=True)
+class Colour(Command):
+    """COL: ``grey`` or ``binary`` output."""
+
+    mode: str
+
+
+@dataclass(frozen=True)
+class Rotate(Command):
+    """ROT: rotation in degrees and flip (0 none, 1 horizontal, 2 vertical)."""
+
+    angle: float
+    flip: int
+
+
+@dataclass(frozen=True)
+class Tile(Command):
+    """JTL/PTL/WTL (and JTLS): one tile of one resolution (0 = smallest)."""
+
+    resolution: int
+    index: int
+    fmt: OutputFormat = OutputFormat.JPEG
+    angles: tuple[int, int] | None = None
+
+
+@dataclass(frozen=True)
+class Ignored(Command):
+    """A command iipsrv accepts with no effect here (LYR, ICC)."""
+
+    name: str
+
+
+@dataclass(frozen=True)
+class NotYetSupported(Command):
+    """A command of iipsrv's registry this server does not implement yet."""
+
+    name: str
+
+
+@dataclass(frozen=True)
+class Unknown(Command):
+    """A command iipsrv does not know: error ``2 2 <name as typed>``."""
+
+    name: str
+
+
+@dataclass(frozen=True)
+class Invalid(Command):
+    """A known command whose argument could not be parsed; raises ``error`` when run."""
+
+    name: str
+    error: IIPServerError
+
+
+class _Malformed(Exception):
+    pass
+
+
+def atoi(text: str) -> int:
+    """C ``atoi`` on the leading number of ``text``; raises if there is none."""
+    m = _INT.match(text)
+    if m is None:
+        raise _Malformed(text)
+    return int(m.group(1))
+
+
+def atof(text: str) -> float:
+    """C ``atof`` on the leading number of ``text``; raises if there is none."""
+    m = _FLOAT.match(text)
+    if m is None:
+        raise _Malformed(text)
+    return float(m.group(1))
+
+
+def _fif(arg: str) -> Command:
+    return Fif(url_decode(arg))
+
+
+def _obj(arg: str) -> Command:
+    return Obj(arg.lower())
+
+
+def _qlt(arg: str) -> Command:
+    return Quality(min(100, max(0, atoi(arg))))
+
+
+def _sds(arg: str) -> Command:
+    first, sep, second = arg.partition(",")
+    x = atoi(first)
+    return Sequence(x, atoi(second) if sep else x)
+
+
+def _minmax(arg: str) -> Command:
+    channel_text, sep, bounds = arg.partition(":")
+    lo_text, sep2, hi_text = bounds.partition(",")
+    if not sep or not sep2:
+        raise _Malformed(arg)
+    lo, hi = atof(lo_text), atof(hi_text)
+    if channel_text.strip() == "-":
+        return MinMax(None, lo, hi)
+    channel = atoi(channel_text)
+    return MinMax(channel - 1 if channel >= 1 else -1, lo, hi)
+
+
+def _cnt(arg: str) -> Command:
+    mode = arg.lower()
+    if mode in ("eq", "equalization", "equalisation"):
+        return Contrast(mode="eq")
+    if mode in ("st", "stretch"):
+        return Contrast(mode="st")
+    return Contrast(value=atof(arg))
+
+
+def _gam(arg: str) -> Command:
+    if arg.lower() in ("log", "logarithm"):
+        return Gamma(log=True)
+    return Gamma(value=atof(arg))
+
+
+def _rot(arg: str) -> Command:
+    text = arg.strip()
+    flip = 0
+    if text.startswith("!"):
+        text = text[1:]
+        flip = 1
+    angle = atof(text)
+    if flip and angle == 180:
+        return Rotate(0.0, 2)
+    return Rotate(angle, flip)
+
+
+def _tile(fmt: OutputFormat) -> Callable[[str], Command]:
+    def parse(arg: str) -> Command:
+        first, sep, second = arg.partition(",")
+        resolution = atoi(first)
+        index = atoi(second) if sep else resolution
+        if resolution < 0 or index < 0:
+            raise BannerError("negative resolution or tile")
+        return Tile(resolution, index, fmt)
+
+    return parse
+
+
+def _jtls(arg: str) -> Command:
+    parts = arg.split(",")
+    if len(parts) < 4:
+        raise _Malformed(arg)
+    x, resolution, index, y = (atoi(p) for p in parts[:4])
+    if resolution < 0 or index < 0:
+        raise BannerError("negative resolution or tile")
+    return Tile(resolution, index, OutputFormat.JPEG, angles=(x, y))
+
+
+#: Command name (lower case) → argument parser. Names of iipsrv 1.1's registry and mainline's.
+PARSERS: dict[str, Callable[[str], Command]] = {
+    "fif": _fif,
+    "obj": _obj,
+    "qlt": _qlt,
+    "sds": _sds,
+    "minmax": _minmax,
+    "cnt": _cnt,
+    "gam": _gam,
+    "inv": lambda arg: Invert(),
+    "cmp": lambda arg: Colormap(arg.lower()),
+    "col": lambda arg: Colour(arg.lower()),
+    "rot": _rot,
+    "jtl": _tile(OutputFormat.JPEG),
+    "ptl": _tile(OutputFormat.PNG),
+    "wtl": _tile(OutputFormat.WEBP),
+    "jtls": _jtls,
+    "lyr": lambda arg: Ignored("lyr"),
+    "icc": lambda arg: Ignored("icc"),
+}
+
+#: iipsrv commands parsed by later work; answered with a clear "not supported" error for now.
+PENDING = ("wid", "hei", "rgn", "cvt", "til", "shd", "ctw", "spectra", "pfl", "iiif",
+           "deepzoom", "zoomify", "cnv", "atl", "ttl")
+
+
+def parse_token(token: Token) -> Command:
+    """Parse one token into a command (never raises)."""
+    parser = PARSERS.get(token.key)
+    if parser is None:
+        if token.key in PENDING:
+            return NotYetSupported(token.name.upper())
+        return Unknown(token.name)
+    try:
+        return parser(token.argument)
+    except _Malformed:
+        return Invalid(token.key, ProtocolError("2 1", f"{token.name}={token.argument}"))
+    except IIPServerError as exc:
+        return Invalid(token.key, exc)
+
+
+def parse(request: str) -> list[Command]:
+    """Parse a whole request string into commands, in request order."""
+    return [parse_token(token) for token in tokenize(request)]

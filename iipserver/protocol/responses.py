@@ -1,0 +1,275 @@
+"""Response bodies and header blocks in iipsrv 1.1's formats (spec §5, §7; policy §2 fixes)."""
+
+from __future__ import annotations
+
+import email.utils
+import html
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from iipserver import __version__
+from iipserver.settings import Settings
+from iipserver.sources.base import SourceInfo
+
+SERVER = f"iipserver/{__version__}"
+NETFPX = "application/vnd.netfpx"
+ERROR_DISPOSITION = 'inline;filename="IIPisAMadGameClosedToOurUnderstanding.netfpx"'
+STATUS_TEXT = {
+    200: "OK",
+    204: "No Content",
+    304: "Not Modified",
+    400: "Bad Request",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    500: "Internal Server Error",
+    501: "Not Implemented",
+}
+
+
+@dataclass
+class Response:
+    """A complete response: status, ordered header list and body."""
+
+    status: int
+    headers: list[tuple[str, str]] = field(default_factory=list)
+    body: bytes = b""
+
+    @property
+    def status_line(self) -> str:
+        """WSGI status string, e.g. ``200 OK``."""
+        return f"{self.status} {STATUS_TEXT.get(self.status, 'Unknown')}"
+
+
+def http_date(timestamp: float) -> str:
+    """Format a POSIX time as an HTTP date (``Sat, 21 Nov 2026 07:36:48 GMT``)."""
+    return email.utils.formatdate(int(timestamp), usegmt=True)
+
+
+def cors_headers(settings: Settings) -> list[tuple[str, str]]:
+    """CORS header lines (iipsrv 1.1's pair) when CORS is set."""
+    if not settings.cors:
+        return []
+    return [
+        ("Access-Control-Allow-Origin", settings.cors),
+        ("Access-Control-Allow-Headers", "X-Requested-With"),
+    ]
+
+
+# --- success envelopes -------------------------------------------------------------------------
+
+
+def obj_response(settings: Settings, body: bytes, last_modified: float | None) -> Response:
+    """OBJ metadata reply (spec §5.1): Server, X-Powered-By, Cache-Control, Last-Modified, type."""
+    headers = [("Server", SERVER), ("X-Powered-By", "IIPImage"), ("Cache-Control", settings.cache_control)]
+    if last_modified is not None:
+        headers.append(("Last-Modified", http_date(last_modified)))
+    headers += [("Content-Type", NETFPX), ("Content-Length", str(len(body)))]
+    headers += cors_headers(settings)
+    return Response(200, headers, body)
+
+
+def image_response(settings: Settings, data: bytes, media_type: str, last_modified: float) -> Response:
+    """Tile reply (spec §5.3 JTL row), with CORS when set (policy §1)."""
+    headers = [
+        ("Server", SERVER),
+        ("X-Powered-By", "IIPImage"),
+        ("Content-Type", media_type),
+        ("Content-Length", str(len(data))),
+        ("Last-Modified", http_date(last_modified)),
+        ("Cache-Control", settings.cache_control),
+    ]
+    headers += cors_headers(settings)
+    return Response(200, headers, data)
+
+
+def not_modified(settings: Settings, last_modified: float) -> Response:
+    """304 reply: no body."""
+    headers = [
+        ("Server", SERVER),
+        ("Last-Modified", http_date(last_modified)),
+        ("Cache-Control", settings.cache_control),
+    ]
+    headers += cors_headers(settings)
+    return Response(304, headers, b"")
+
+
+def options_response(settings: Settings) -> Response:
+    """204 answer to a CORS preflight."""
+    headers = [("Server", SERVER), ("Allow", "GET, HEAD, POST, OPTIONS"), ("Content-Length", "0")]
+    if settings.cors:
+        headers += [
+            ("Access-Control-Allow-Origin", settings.cors),
+            ("Access-Control-Allow-Methods", "GET, POST, OPTIONS"),
+            ("Access-Control-Allow-Headers", "Accept, Content-Type, X-Requested-With, If-Modified-Since"),
+            ("Access-Control-Max-Age", "86400"),
+        ]
+    return Response(204, headers, b"")
+
+
+# --- error envelopes ---------------------------------------------------------------------------
+
+
+def error_line(code: str, argument: str) -> str:
+    """One IIP error line: ``Error/<len>:<code> <arg>`` with the true byte length (policy §2)."""
+    text = f"{code} {argument}"
+    return f"Error/{len(text.encode('utf-8', 'surrogateescape'))}:{text}\r\n"
+
+
+def iip_error_response(settings: Settings, errors: Sequence[tuple[str, str]]) -> Response:
+    """IIP protocol error reply (spec §5.4): 400 with the netfpx envelope."""
+    body = "".join(error_line(c, a) for c, a in errors).encode("utf-8", "surrogateescape")
+    headers = [("Server", SERVER), ("Cache-Control", "no-cache"), ("Content-Type", NETFPX)]
+    headers += cors_headers(settings)
+    headers += [("Content-Disposition", ERROR_DISPOSITION), ("Content-Length", str(len(body)))]
+    return Response(400, headers, body)
+
+
+def text_error_response(settings: Settings, status: int, message: str) -> Response:
+    """Plain-text error (404 missing image or tile, 400 bad parameter, 500 fault)."""
+    body = message.encode("utf-8", "replace")
+    headers = [
+        ("Server", SERVER),
+        ("Content-Type", "text/plain; charset=utf-8"),
+        ("Content-Length", str(len(body))),
+        ("Cache-Control", "no-cache"),
+    ]
+    headers += cors_headers(settings)
+    return Response(status, headers, body)
+
+
+def banner_response(settings: Settings, status: int = 400) -> Response:
+    """The HTML page iipsrv answers to an empty or unusable request."""
+    body = (
+        "<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>iipserver</title>"
+        "</head><body><h1>iipserver</h1>"
+        f"<h2>Version {html.escape(__version__)}</h2>"
+        "<p>An IIPImage protocol server. Requests look like "
+        "<code>?FIF=image.tif&amp;OBJ=IIP,1.0&amp;OBJ=Max-size</code> or "
+        "<code>?FIF=image.tif&amp;JTL=0,0</code>.</p></body></html>"
+    ).encode()
+    headers = [
+        ("Server", SERVER),
+        ("Content-Type", "text/html; charset=utf-8"),
+        ("Content-Length", str(len(body))),
+        ("Content-Disposition", 'inline;filename="iipsrv.html"'),
+        ("Cache-Control", "no-cache"),
+    ]
+    headers += cors_headers(settings)
+    return Response(status, headers, body)
+
+
+# --- OBJ bodies (spec §7) ----------------------------------------------------------------------
+
+#: 1.1 metadata object names → source metadata key (``subject`` = ImageDescription).
+METADATA_OBJECTS = {
+    "copyright": "copyright",
+    "title": "document_name",
+    "subject": "description",
+    "description": "description",
+    "author": "artist",
+    "creator": "artist",
+    "keywords": "",
+    "comment": "",
+    "last-author": "",
+    "rev-number": "",
+    "edit-time": "",
+    "last-printed": "",
+    "create-dtm": "datetime",
+    "date": "datetime",
+    "last-save-dtm": "",
+    "app-name": "software",
+    "software": "software",
+    "rights": "copyright",
+    "make": "make",
+    "model": "model",
+    "xmp": "xmp",
+    "scale": "scale",
+}
+SUMMARY_INFO = ("copyright", "subject", "author", "create-dtm", "app-name")
+OPT_COMMANDS = "CVT CNT QLT JTL JTLS WID HEI RGN MINMAX SHD CMP INV CTW"
+OPT_OBJECTS = "Horizontal-views Vertical-views Tile-size Bits-per-channel Min-Max-sample-values Resolutions"
+
+
+def _float9(value: float) -> str:
+    """``%.9g`` of a float32 value promoted to double, as iipsrv prints sample ranges."""
+    import numpy as np
+
+    return "%.9g" % float(np.float32(value))
+
+
+def colorspace_line(info: SourceInfo) -> str:
+    """The ``Colorspace,0-<n-1>,0:…`` line."""
+    last = len(info.levels) - 1
+    if info.colorspace in ("GREYSCALE",):
+        tail = "0 0 1 1 0"
+    elif info.colorspace == "CIELAB":
+        tail = "1 0 4 3 0 1 2"
+    else:
+        tail = "0 0 3 3 0 1 2"
+    return f"Colorspace,0-{last},0:{tail}"
+
+
+def metadata_value(info: SourceInfo, name: str, settings: Settings) -> str:
+    """The text of metadata object ``name`` for an image ('' when absent)."""
+    key = METADATA_OBJECTS[name]
+    value = info.metadata.get(key, "") if key else ""
+    if key == "copyright" and not value:
+        value = settings.copyright
+    return value
+
+
+def metadata_line(name: str, value: str) -> str:
+    """``<name>/<byte length>:<value>`` (1.1's metadata line)."""
+    return f"{name}/{len(value.encode('utf-8', 'surrogateescape'))}:{value}"
+
+
+def obj_lines(name: str, info: SourceInfo, settings: Settings, rotation: float = 0.0) -> list[str] | None:
+    """Body lines of image object ``name`` (lower case); None if the name is unknown."""
+    full = info.levels[-1]
+    if name == "iip-server":
+        return ["IIP-server:3.65"]
+    if name == "max-size":
+        w, h = full.width, full.height
+        if int(rotation) % 180 == 90:
+            w, h = h, w
+        return [f"Max-size:{w} {h}"]
+    if name == "basic-info":
+        return ["IIP-server:3.65", f"Max-size:{full.width} {full.height}",
+                f"Resolution-number:{len(info.levels)}", colorspace_line(info)]
+    if name == "tile-size":
+        return [f"Tile-size:{full.tile_width} {full.tile_height}"]
+    if name == "resolution-number":
+        return [f"Resolution-number:{len(info.levels)}"]
+    if name == "bits-per-channel":
+        return [f"Bits-per-channel:{info.bits_per_sample}"]
+    if name == "min-max-sample-values":
+        ranges = zip(info.min_values, info.max_values, strict=False)
+        pairs = " ".join(f" {_float9(lo)}  {_float9(hi)}" for lo, hi in ranges)
+        return [f"Min-Max-sample-values:{pairs}"]
+    if name == "resolutions":
+        return ["Resolutions:" + ",".join(f"{lv.width} {lv.height}" for lv in info.levels)]
+    if name == "horizontal-views":
+        return ["Horizontal-views:" + " ".join(str(a) for a in info.horizontal_views)]
+    if name == "vertical-views":
+        return ["Vertical-views:" + " ".join(str(a) for a in info.vertical_views)]
+    if "colorspace" in name:
+        return [colorspace_line(info)]
+    if name == "iip-opt-comm":
+        return [f"IIP-opt-comm:{OPT_COMMANDS}"]
+    if name == "iip-opt-obj":
+        return [f"IIP-opt-obj:{OPT_OBJECTS}"]
+    if name == "dpi":
+        return [] if info.dpi is None else [f"DPI:{info.dpi[0]:f} {info.dpi[1]:f}"]
+    if name == "summary-info":
+        lines = []
+        for field_name in SUMMARY_INFO:
+            value = metadata_value(info, field_name, settings)
+            if value:
+                lines.append(metadata_line(field_name, value))
+        return lines
+    if name in METADATA_OBJECTS:
+        value = metadata_value(info, name, settings)
+        return [metadata_line(name, value)] if value else []
+    if name == "stack":
+        return []
+    return None

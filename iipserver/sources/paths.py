@@ -1,0 +1,50 @@
+"""Confine image paths to FILESYSTEM_PREFIX: join, resolve symlinks, then check (policy §4)."""
+
+from __future__ import annotations
+
+import os
+
+from iipserver.errors import ImageNotFound
+
+
+def _missing(requested: str) -> ImageNotFound:
+    shown = requested.replace("\x00", "")
+    return ImageNotFound(f"{shown} is neither a file nor part of an image sequence")
+
+
+def confinement_root(prefix: str) -> str | None:
+    """Return the real directory every image must lie in, or None when no prefix is set."""
+    if not prefix:
+        return None
+    directory = prefix if prefix.endswith("/") or os.path.isdir(prefix) else os.path.dirname(prefix)
+    return os.path.realpath(directory or ".")
+
+
+def resolve(requested: str, prefix: str, suffix: str = "") -> str:
+    """Return the real path of image ``requested`` (already URL-decoded) under ``prefix``.
+
+    The path is built as iipsrv builds it (prefix + path + suffix, verbatim), then resolved with
+    symlinks followed, and refused unless it lies inside the prefix's real directory. A NUL
+    byte or a ``..`` component is refused outright. With no prefix (iipsrv's default) any path
+    is allowed except those with ``..`` components.
+
+    Raises:
+        ImageNotFound: the path is refused or names nothing; the message shows only
+            ``requested``, never the server's own paths.
+    """
+    if not requested or "\x00" in requested or len(requested) > 4096:
+        raise _missing(requested)
+    parts = requested.replace("\\", "/").split("/")
+    if ".." in parts:
+        raise _missing(requested)
+    full = prefix + requested + suffix
+    root = confinement_root(prefix)
+    try:
+        real = os.path.realpath(full)
+    except (OSError, ValueError):
+        raise _missing(requested) from None
+    if root is not None and not (real == root or real.startswith(root.rstrip("/") + "/")):
+        raise _missing(requested)
+    if not os.path.exists(real):
+        raise _missing(requested)
+    return real

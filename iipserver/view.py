@@ -1,0 +1,100 @@
+"""Per-request view state: what the modifier commands set, frozen into a Rendering for output."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from iipserver.encoders import OutputFormat
+from iipserver.sources.base import SourceInfo
+from iipserver.sources.pool import OpenedImage
+
+#: Colour-map names that change pixels (any other CMP name means "no colour map").
+COLORMAPS = frozenset({"hot", "cold", "jet", "red", "green", "blue"})
+
+
+@dataclass(frozen=True)
+class Rendering:
+    """Everything that turns source pixels into output bytes; hashable, so a cache key."""
+
+    mins: tuple[float, ...]
+    maxs: tuple[float, ...]
+    fmt: OutputFormat = OutputFormat.JPEG
+    quality: int = 75
+    contrast: float = 1.0
+    contrast_mode: str | None = None
+    gamma: float = 1.0
+    log_gamma: bool = False
+    invert: bool = False
+    colormap: str | None = None
+    colour: str | None = None
+    rotation: float = 0.0
+    flip: int = 0
+
+    def needs_float(self, info: SourceInfo) -> bool:
+        """Tell whether tiles go through the float pipeline (spec §9.3 step 4, iipsrv 1.1)."""
+        return (
+            info.sample_format == "float"
+            or info.bits_per_sample > 8
+            or info.dtype != "uint8"
+            or self.contrast != 1.0
+            or self.gamma != 1.0
+            or self.log_gamma
+            or self.invert
+            or self.colormap is not None
+        )
+
+
+@dataclass
+class View:
+    """Mutable state accumulated while a request's commands run, left to right."""
+
+    image: OpenedImage | None = None
+    requested_path: str = ""
+    quality: int | None = None
+    contrast: float = 1.0
+    contrast_mode: str | None = None
+    gamma: float = 1.0
+    log_gamma: bool = False
+    invert: bool = False
+    colormap: str | None = None
+    colour: str | None = None
+    rotation: float = 0.0
+    flip: int = 0
+    minmax: dict[int | None, tuple[float, float]] = field(default_factory=dict)
+    sequence: tuple[int, int] = (0, 90)
+
+    def set_minmax(self, channel: int | None, lo: float, hi: float) -> None:
+        """Override the range of ``channel`` (0-based) or, with None, of every channel."""
+        if channel is None:
+            self.minmax = {None: (lo, hi)}
+        else:
+            self.minmax[channel] = (lo, hi)
+
+    def ranges(self, info: SourceInfo) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """Effective per-channel (mins, maxs) after MINMAX overrides."""
+        mins, maxs = list(info.min_values), list(info.max_values)
+        for channel, (lo, hi) in self.minmax.items():
+            targets = range(info.channels) if channel is None else [channel]
+            for c in targets:
+                if 0 <= c < info.channels:
+                    mins[c], maxs[c] = lo, hi
+        return tuple(mins), tuple(maxs)
+
+    def rendering(self, info: SourceInfo, fmt: OutputFormat, default_quality: int) -> Rendering:
+        """Freeze the view for one output command."""
+        mins, maxs = self.ranges(info)
+        return Rendering(
+            mins=mins,
+            maxs=maxs,
+            fmt=fmt,
+            quality=default_quality if self.quality is None else self.quality,
+            contrast=self.contrast,
+            contrast_mode=self.contrast_mode,
+            gamma=self.gamma,
+            log_gamma=self.log_gamma,
+            invert=self.invert,
+            colormap=self.colormap if self.colormap in COLORMAPS else None,
+            colour=self.colour,
+            rotation=self.rotation,
+            flip=self.flip,
+        )
