@@ -108,7 +108,10 @@ class IIPApp:
         data = environ["wsgi.input"].read(length)
         return bytes(data).decode("latin-1").strip()
 
-    def __call__(self, environ: dict[str, Any], start_response: WSGIStartResponse) -> Iterable[bytes]:
+    def __call__(
+        self, environ: dict[str, Any], start_response: WSGIStartResponse
+    ) -> Iterable[bytes]:
+        """WSGI entry point."""
         started = time.perf_counter()
         response = self.handle(environ)
         start_response(response.status_line, response.headers)

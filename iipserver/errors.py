@@ -81,7 +81,7 @@ class NotImplementedCommand(IIPServerError):
     status = 501
 
 
-class NotModified(Exception):  # noqa: N818 - a response, not an error
+class NotModified(Exception):
     """The image has not changed since the client's If-Modified-Since: answer 304."""
 
     status = 304

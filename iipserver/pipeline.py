@@ -53,7 +53,9 @@ class Pipeline:
             self.raw_tiles.put(key, tile)
         return tile
 
-    def tile(self, image: OpenedImage, resolution: int, index: int, rendering: Rendering) -> Encoded:
+    def tile(
+        self, image: OpenedImage, resolution: int, index: int, rendering: Rendering
+    ) -> Encoded:
         """Return tile ``index`` of ``resolution`` (0 = smallest) rendered and encoded."""
         started = time.perf_counter()
         raw = self.raw_tile(image, resolution, index)
@@ -64,8 +66,12 @@ class Pipeline:
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
                 "tile %s r=%d t=%d: read %.0f us, process %.0f us, encode %.0f us",
-                image.path, resolution, index, (read - started) * 1e6,
-                (processed - read) * 1e6, (time.perf_counter() - processed) * 1e6,
+                image.path,
+                resolution,
+                index,
+                (read - started) * 1e6,
+                (processed - read) * 1e6,
+                (time.perf_counter() - processed) * 1e6,
             )
         return encoded
 

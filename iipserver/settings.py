@@ -57,7 +57,9 @@ def _in_range(lo: float, hi: float) -> Callable[[str, float], None]:
 
 def _max_cvt(name: str, value: float) -> None:
     if value != -1 and value < 1:
-        raise ConfigError(f"{name} must be a positive number of pixels or -1 (no limit), got {value:g}")
+        raise ConfigError(
+            f"{name} must be a positive number of pixels or -1 (no limit), got {value:g}"
+        )
 
 
 def _at_least(lo: float) -> Callable[[str, float], None]:
@@ -93,22 +95,35 @@ class Settings:
         "MAX_IMAGE_CACHE_SIZE", 10.0, _float, "Tile cache size in MB (0 disables).", _at_least(0)
     )
     max_metadata_cache_size: int = _setting(
-        "MAX_METADATA_CACHE_SIZE", 1000, _int, "Images kept in the metadata cache (0 none, -1 no limit).",
+        "MAX_METADATA_CACHE_SIZE",
+        1000,
+        _int,
+        "Images kept in the metadata cache (0 none, -1 no limit).",
         _at_least(-1),
     )
     max_open_files: int = _setting(
         "MAX_OPEN_FILES", 64, _int, "Image files kept open per worker.", _at_least(1)
     )
-    filename_pattern: str = _setting("FILENAME_PATTERN", "_pyr_", _str, "Image-sequence name infix.")
-    jpeg_quality: int = _setting("JPEG_QUALITY", 75, _int, "Default JPEG quality.", _in_range(1, 100))
+    filename_pattern: str = _setting(
+        "FILENAME_PATTERN", "_pyr_", _str, "Image-sequence name infix."
+    )
+    jpeg_quality: int = _setting(
+        "JPEG_QUALITY", 75, _int, "Default JPEG quality.", _in_range(1, 100)
+    )
     png_quality: int = _setting("PNG_QUALITY", 1, _int, "PNG compression level.", _in_range(0, 9))
     webp_quality: int = _setting(
         "WEBP_QUALITY", 50, _int, "WebP quality (-1 lossless).", _in_range(-1, 100)
     )
-    max_cvt: int = _setting("MAX_CVT", 5000, _int, "Largest CVT/IIIF output side (-1 no limit).", _max_cvt)
+    max_cvt: int = _setting(
+        "MAX_CVT", 5000, _int, "Largest CVT/IIIF output side (-1 no limit).", _max_cvt
+    )
     max_layers: int = _setting("MAX_LAYERS", 0, _int, "JPEG2000 quality layers (unused).")
-    filesystem_prefix: str = _setting("FILESYSTEM_PREFIX", "", _str, "Prepended to every image path.")
-    filesystem_suffix: str = _setting("FILESYSTEM_SUFFIX", "", _str, "Appended to every image path.")
+    filesystem_prefix: str = _setting(
+        "FILESYSTEM_PREFIX", "", _str, "Prepended to every image path."
+    )
+    filesystem_suffix: str = _setting(
+        "FILESYSTEM_SUFFIX", "", _str, "Appended to every image path."
+    )
     watermark: str = _setting("WATERMARK", "", _str, "Watermark TIFF image path.")
     watermark_probability: float = _setting(
         "WATERMARK_PROBABILITY", 1.0, _float, "Chance a tile is watermarked.", _in_range(0, 1)
@@ -122,7 +137,9 @@ class Settings:
     memcached_timeout: int = _setting(
         "MEMCACHED_TIMEOUT", 86400, _int, "Shared cache expiry in seconds.", _at_least(0)
     )
-    memcached_prefix: str = _setting("MEMCACHED_PREFIX", "iipserver", _str, "Shared cache key prefix.")
+    memcached_prefix: str = _setting(
+        "MEMCACHED_PREFIX", "iipserver", _str, "Shared cache key prefix."
+    )
     interpolation: int = _setting(
         "INTERPOLATION", 1, _int, "CVT resampling: 0 nearest, 1 bilinear.", _in_range(0, 1)
     )
@@ -131,13 +148,17 @@ class Settings:
     cache_control: str = _setting(
         "CACHE_CONTROL", "max-age=86400", _str, "Cache-Control header on successes."
     )
-    allow_upscaling: bool = _setting("ALLOW_UPSCALING", True, _bool, "Allow output larger than source.")
+    allow_upscaling: bool = _setting(
+        "ALLOW_UPSCALING", True, _bool, "Allow output larger than source."
+    )
     uri_map: str = _setting("URI_MAP", "", _str, "Path-style mapping 'prefix=>protocol'.", _uri_map)
     embed_icc: bool = _setting("EMBED_ICC", True, _bool, "Embed ICC profiles in output.")
     codec_passthrough: bool = _setting(
         "CODEC_PASSTHROUGH", True, _bool, "Send stored JPEG tiles without re-encoding."
     )
-    iiif_version: int = _setting("IIIF_VERSION", 3, _int, "Default IIIF Image API version.", _in_range(2, 3))
+    iiif_version: int = _setting(
+        "IIIF_VERSION", 3, _int, "Default IIIF Image API version.", _in_range(2, 3)
+    )
     copyright: str = _setting("COPYRIGHT", "", _str, "Rights statement for metadata and IIIF.")
 
     @classmethod

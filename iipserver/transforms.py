@@ -90,7 +90,7 @@ def colormap(tile: np.ndarray, name: str) -> np.ndarray:
         out[np.isnan(v)] = (0.5, 0, 0)
         return out.astype(_F32)
     if name in ("red", "green", "blue"):
-        out = np.zeros(v.shape + (3,), dtype=_F32)
+        out = np.zeros((*v.shape, 3), dtype=_F32)
         out[..., ("red", "green", "blue").index(name)] = v
         return out
     return tile

@@ -1,0 +1,1 @@
+"""The IIP protocol layer: request strings to commands, commands to responses."""

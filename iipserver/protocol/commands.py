@@ -266,8 +266,23 @@ PARSERS: dict[str, Callable[[str], Command]] = {
 }
 
 #: iipsrv commands parsed by later work; answered with a clear "not supported" error for now.
-PENDING = ("wid", "hei", "rgn", "cvt", "til", "shd", "ctw", "spectra", "pfl", "iiif",
-           "deepzoom", "zoomify", "cnv", "atl", "ttl")
+PENDING = (
+    "wid",
+    "hei",
+    "rgn",
+    "cvt",
+    "til",
+    "shd",
+    "ctw",
+    "spectra",
+    "pfl",
+    "iiif",
+    "deepzoom",
+    "zoomify",
+    "cnv",
+    "atl",
+    "ttl",
+)
 
 
 def parse_token(token: Token) -> Command:

@@ -23,9 +23,11 @@ from iipserver.protocol.commands import (
     Obj,
     Quality,
     Rotate,
-    Sequence as SequenceCommand,
     Tile,
     Unknown,
+)
+from iipserver.protocol.commands import (
+    Sequence as SequenceCommand,
 )
 from iipserver.protocol.responses import Response
 from iipserver.settings import Settings
@@ -158,10 +160,7 @@ class Session:
         image = self.view.image
         if image is None:
             if name in STATIC_OBJECTS:
-                lines = {"iip-server": ["IIP-server:3.65"],
-                         "iip-opt-comm": [f"IIP-opt-comm:{responses.OPT_COMMANDS}"],
-                         "iip-opt-obj": [f"IIP-opt-obj:{responses.OPT_OBJECTS}"]}[name]
-                self.lines.extend(lines)
+                self.lines.extend(responses.OBJECTS[name](None, self.settings, 0.0))  # type: ignore[arg-type]
                 return
             raise ProtocolError("1 3", name)
         found = responses.obj_lines(name, image.source.info, self.settings, self.view.rotation)
@@ -192,4 +191,3 @@ class Session:
         if fmt == "WEBP":
             return self.settings.webp_quality
         return self.settings.jpeg_quality
-

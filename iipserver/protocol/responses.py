@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import email.utils
 import html
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from iipserver import __version__
@@ -60,7 +60,11 @@ def cors_headers(settings: Settings) -> list[tuple[str, str]]:
 
 def obj_response(settings: Settings, body: bytes, last_modified: float | None) -> Response:
     """OBJ metadata reply (spec §5.1): Server, X-Powered-By, Cache-Control, Last-Modified, type."""
-    headers = [("Server", SERVER), ("X-Powered-By", "IIPImage"), ("Cache-Control", settings.cache_control)]
+    headers = [
+        ("Server", SERVER),
+        ("X-Powered-By", "IIPImage"),
+        ("Cache-Control", settings.cache_control),
+    ]
     if last_modified is not None:
         headers.append(("Last-Modified", http_date(last_modified)))
     headers += [("Content-Type", NETFPX), ("Content-Length", str(len(body)))]
@@ -68,7 +72,9 @@ def obj_response(settings: Settings, body: bytes, last_modified: float | None) -
     return Response(200, headers, body)
 
 
-def image_response(settings: Settings, data: bytes, media_type: str, last_modified: float) -> Response:
+def image_response(
+    settings: Settings, data: bytes, media_type: str, last_modified: float
+) -> Response:
     """Tile reply (spec §5.3 JTL row), with CORS when set (policy §1)."""
     headers = [
         ("Server", SERVER),
@@ -100,7 +106,10 @@ def options_response(settings: Settings) -> Response:
         headers += [
             ("Access-Control-Allow-Origin", settings.cors),
             ("Access-Control-Allow-Methods", "GET, POST, OPTIONS"),
-            ("Access-Control-Allow-Headers", "Accept, Content-Type, X-Requested-With, If-Modified-Since"),
+            (
+                "Access-Control-Allow-Headers",
+                "Accept, Content-Type, X-Requested-With, If-Modified-Since",
+            ),
             ("Access-Control-Max-Age", "86400"),
         ]
     return Response(204, headers, b"")
@@ -140,7 +149,7 @@ def text_error_response(settings: Settings, status: int, message: str) -> Respon
 def banner_response(settings: Settings, status: int = 400) -> Response:
     """The HTML page iipsrv answers to an empty or unusable request."""
     body = (
-        "<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>iipserver</title>"
+        '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>iipserver</title>'
         "</head><body><h1>iipserver</h1>"
         f"<h2>Version {html.escape(__version__)}</h2>"
         "<p>An IIPImage protocol server. Requests look like "
@@ -187,14 +196,16 @@ METADATA_OBJECTS = {
 }
 SUMMARY_INFO = ("copyright", "subject", "author", "create-dtm", "app-name")
 OPT_COMMANDS = "CVT CNT QLT JTL JTLS WID HEI RGN MINMAX SHD CMP INV CTW"
-OPT_OBJECTS = "Horizontal-views Vertical-views Tile-size Bits-per-channel Min-Max-sample-values Resolutions"
+OPT_OBJECTS = (
+    "Horizontal-views Vertical-views Tile-size Bits-per-channel Min-Max-sample-values Resolutions"
+)
 
 
 def _float9(value: float) -> str:
     """``%.9g`` of a float32 value promoted to double, as iipsrv prints sample ranges."""
     import numpy as np
 
-    return "%.9g" % float(np.float32(value))
+    return f"{float(np.float32(value)):.9g}"
 
 
 def colorspace_line(info: SourceInfo) -> str:
@@ -223,53 +234,72 @@ def metadata_line(name: str, value: str) -> str:
     return f"{name}/{len(value.encode('utf-8', 'surrogateescape'))}:{value}"
 
 
-def obj_lines(name: str, info: SourceInfo, settings: Settings, rotation: float = 0.0) -> list[str] | None:
+def _max_size(info: SourceInfo, rotation: float) -> list[str]:
+    w, h = info.width, info.height
+    if int(rotation) % 180 == 90:
+        w, h = h, w
+    return [f"Max-size:{w} {h}"]
+
+
+def _min_max(info: SourceInfo) -> list[str]:
+    ranges = zip(info.min_values, info.max_values, strict=False)
+    return [
+        "Min-Max-sample-values:" + " ".join(f" {_float9(lo)}  {_float9(hi)}" for lo, hi in ranges)
+    ]
+
+
+def _summary(info: SourceInfo, settings: Settings) -> list[str]:
+    lines = []
+    for name in SUMMARY_INFO:
+        value = metadata_value(info, name, settings)
+        if value:
+            lines.append(metadata_line(name, value))
+    return lines
+
+
+ObjectLines = Callable[[SourceInfo, Settings, float], list[str]]
+
+#: Image object name → body lines (spec §7).
+OBJECTS: dict[str, ObjectLines] = {
+    "iip-server": lambda i, s, r: ["IIP-server:3.65"],
+    "iip-opt-comm": lambda i, s, r: [f"IIP-opt-comm:{OPT_COMMANDS}"],
+    "iip-opt-obj": lambda i, s, r: [f"IIP-opt-obj:{OPT_OBJECTS}"],
+    "max-size": lambda i, s, r: _max_size(i, r),
+    "basic-info": lambda i, s, r: [
+        "IIP-server:3.65",
+        f"Max-size:{i.width} {i.height}",
+        f"Resolution-number:{len(i.levels)}",
+        colorspace_line(i),
+    ],
+    "tile-size": lambda i, s, r: ["Tile-size:{} {}".format(*i.tile_size)],
+    "resolution-number": lambda i, s, r: [f"Resolution-number:{len(i.levels)}"],
+    "bits-per-channel": lambda i, s, r: [f"Bits-per-channel:{i.bits_per_sample}"],
+    "min-max-sample-values": lambda i, s, r: _min_max(i),
+    "resolutions": lambda i, s, r: [
+        "Resolutions:" + ",".join(f"{lv.width} {lv.height}" for lv in i.levels)
+    ],
+    "horizontal-views": lambda i, s, r: [
+        "Horizontal-views:" + " ".join(str(a) for a in i.horizontal_views)
+    ],
+    "vertical-views": lambda i, s, r: [
+        "Vertical-views:" + " ".join(str(a) for a in i.vertical_views)
+    ],
+    "dpi": lambda i, s, r: [] if i.dpi is None else [f"DPI:{i.dpi[0]:f} {i.dpi[1]:f}"],
+    "summary-info": lambda i, s, r: _summary(i, s),
+    "stack": lambda i, s, r: [],
+}
+
+
+def obj_lines(
+    name: str, info: SourceInfo, settings: Settings, rotation: float = 0.0
+) -> list[str] | None:
     """Body lines of image object ``name`` (lower case); None if the name is unknown."""
-    full = info.levels[-1]
-    if name == "iip-server":
-        return ["IIP-server:3.65"]
-    if name == "max-size":
-        w, h = full.width, full.height
-        if int(rotation) % 180 == 90:
-            w, h = h, w
-        return [f"Max-size:{w} {h}"]
-    if name == "basic-info":
-        return ["IIP-server:3.65", f"Max-size:{full.width} {full.height}",
-                f"Resolution-number:{len(info.levels)}", colorspace_line(info)]
-    if name == "tile-size":
-        return [f"Tile-size:{full.tile_width} {full.tile_height}"]
-    if name == "resolution-number":
-        return [f"Resolution-number:{len(info.levels)}"]
-    if name == "bits-per-channel":
-        return [f"Bits-per-channel:{info.bits_per_sample}"]
-    if name == "min-max-sample-values":
-        ranges = zip(info.min_values, info.max_values, strict=False)
-        pairs = " ".join(f" {_float9(lo)}  {_float9(hi)}" for lo, hi in ranges)
-        return [f"Min-Max-sample-values:{pairs}"]
-    if name == "resolutions":
-        return ["Resolutions:" + ",".join(f"{lv.width} {lv.height}" for lv in info.levels)]
-    if name == "horizontal-views":
-        return ["Horizontal-views:" + " ".join(str(a) for a in info.horizontal_views)]
-    if name == "vertical-views":
-        return ["Vertical-views:" + " ".join(str(a) for a in info.vertical_views)]
+    handler = OBJECTS.get(name)
+    if handler is not None:
+        return handler(info, settings, rotation)
     if "colorspace" in name:
         return [colorspace_line(info)]
-    if name == "iip-opt-comm":
-        return [f"IIP-opt-comm:{OPT_COMMANDS}"]
-    if name == "iip-opt-obj":
-        return [f"IIP-opt-obj:{OPT_OBJECTS}"]
-    if name == "dpi":
-        return [] if info.dpi is None else [f"DPI:{info.dpi[0]:f} {info.dpi[1]:f}"]
-    if name == "summary-info":
-        lines = []
-        for field_name in SUMMARY_INFO:
-            value = metadata_value(info, field_name, settings)
-            if value:
-                lines.append(metadata_line(field_name, value))
-        return lines
     if name in METADATA_OBJECTS:
         value = metadata_value(info, name, settings)
         return [metadata_line(name, value)] if value else []
-    if name == "stack":
-        return []
     return None

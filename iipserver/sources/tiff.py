@@ -162,7 +162,9 @@ class TiffSource:
         levels = []
         for page in pages[::-1]:
             if page.is_tiled:
-                levels.append(Level(page.imagewidth, page.imagelength, page.tilewidth, page.tilelength))
+                levels.append(
+                    Level(page.imagewidth, page.imagelength, page.tilewidth, page.tilelength)
+                )
             else:
                 levels.append(Level(page.imagewidth, page.imagelength, STRIP_TILE, STRIP_TILE))
         mins = _per_channel(_tag(first, "SMinSampleValue"), channels)
@@ -301,10 +303,12 @@ class TiffSource:
                 store = self._reopen_page(tif, page).aszarr()
                 import zarr
 
-                array = zarr.open(store, mode="r")
+                array = zarr.open_array(store, mode="r")
                 data = np.asarray(array[y0:y1, x0:x1])
         except Exception as exc:
-            raise ImageReadError(f"strip data could not be read ({exc.__class__.__name__})") from exc
+            raise ImageReadError(
+                f"strip data could not be read ({exc.__class__.__name__})"
+            ) from exc
         if data.ndim == 2:
             data = data[:, :, None]
         return self._finish(data)
@@ -326,5 +330,7 @@ class TiffSource:
                 bx, by = tx * tw, ty * th
                 sx0, sy0 = max(x0, bx), max(y0, by)
                 sx1, sy1 = min(x1, bx + tile.shape[1]), min(y1, by + tile.shape[0])
-                out[sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0] = tile[sy0 - by : sy1 - by, sx0 - bx : sx1 - bx]
+                out[sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0] = tile[
+                    sy0 - by : sy1 - by, sx0 - bx : sx1 - bx
+                ]
         return out

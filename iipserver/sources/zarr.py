@@ -47,7 +47,7 @@ class ZarrSource:
                 scales = _multiscales(dict(node.attrs))
                 if scales is None:
                     raise ImageReadError("zarr group without multiscales metadata")
-                arrays = [node[d["path"]] for d in scales["datasets"]]
+                arrays = [node[d["path"]] for d in scales["datasets"]]  # type: ignore[misc]
                 axes = [a["name"] if isinstance(a, dict) else a for a in scales.get("axes", [])]
         except ImageReadError:
             raise
@@ -75,12 +75,23 @@ class ZarrSource:
         levels = []
         for a in self._arrays:
             chunks = a.chunks
-            levels.append(Level(int(a.shape[ax["x"]]), int(a.shape[ax["y"]]),
-                                int(chunks[ax["x"]]), int(chunks[ax["y"]])))
+            levels.append(
+                Level(
+                    int(a.shape[ax["x"]]),
+                    int(a.shape[ax["y"]]),
+                    int(chunks[ax["x"]]),
+                    int(chunks[ax["y"]]),
+                )
+            )
         fmt = "float" if dtype.kind == "f" else ("int" if dtype.kind == "i" else "uint")
         info = SourceInfo(
-            levels=tuple(levels), channels=channels, bits_per_sample=dtype.itemsize * 8,
-            sample_format=fmt, dtype=dtype.name, min_values=(), max_values=(),
+            levels=tuple(levels),
+            channels=channels,
+            bits_per_sample=dtype.itemsize * 8,
+            sample_format=fmt,
+            dtype=dtype.name,
+            min_values=(),
+            max_values=(),
             colorspace="GREYSCALE" if channels == 1 else "sRGB",
         )
         self.info = info
