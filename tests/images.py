@@ -98,7 +98,9 @@ def star_field(width: int, height: int, seed: int = 1, channels: int = 1) -> np.
         flux = rng.uniform(50, 5000)
         sigma = rng.uniform(0.8, 2.5)
         star = flux * np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * sigma**2))
-        sky += star[:, :, None].astype(np.float32) * rng.uniform(0.5, 1.5, size=channels).astype(np.float32)
+        sky += star[:, :, None].astype(np.float32) * rng.uniform(0.5, 1.5, size=channels).astype(
+            np.float32
+        )
     return sky[:, :, 0] if channels == 1 else sky
 
 
