@@ -282,7 +282,7 @@ def test_colormap_invert_contrast(app):
     assert hot[0, 0, 0] < 5 and tuple(hot[0, 0, 1:]) == (0, 0)
     assert tuple(hot[-1, -1]) == (255, 255, 255) or hot[-1, -1, 2] > 200
     inv = imagecodecs.png_decode(call(app, "FIF=ramp.tif&MINMAX=1:0,1000&INV&PTL=0,0").body)
-    assert inv[0, 0] == 255
+    assert inv[0, 0] >= 254 and inv[-1, -1] <= 1
     dim = imagecodecs.png_decode(call(app, "FIF=ramp.tif&MINMAX=1:0,1000&CNT=0.5&PTL=0,0").body)
     full = imagecodecs.png_decode(call(app, "FIF=ramp.tif&MINMAX=1:0,1000&PTL=0,0").body)
     assert dim.max() <= 128 and full.max() > 200
