@@ -1,0 +1,295 @@
+"""Shared fixtures: generated test images, and FastCGI servers (iipsrv 1.1 and ours) over them.
+
+The images are written once per session with ``tests/images.py`` into a temporary folder,
+with a fixed modification time so that Last-Modified / If-Modified-Since are predictable.
+``reference`` is Debian's iipsrv 1.1 (skipped when the binary is missing) and ``ours`` is
+``python -m iipserver fcgi`` (or ``$IIPSERVER_FCGI_COMMAND``, with ``{port}``); both
+serve that folder as ``FILESYSTEM_PREFIX`` and expose
+``.get(query, headers=None) -> fcgi_client.Response``.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from images import pyramid_levels, rgb_image, smin_smax_tags, star_field, write_pyramid
+from reference import ServerProcess
+
+IIPSRV = os.environ.get("IIPSRV_BINARY", "/usr/lib/iipimage-server/iipsrv.fcgi")
+
+#: Every fixture file gets this modification time: Sat, 02 Mar 2024 03:04:05 GMT.
+IMAGE_MTIME = 1709348645
+IMAGE_MTIME_HTTP = "Sat, 02 Mar 2024 03:04:05 GMT"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "reference: differential tests against Debian's iipsrv 1.1")
+
+
+@dataclass
+class TestImage:
+    """One generated image: its file name, pyramid levels (largest first) and facts."""
+
+    name: str
+    levels: list[np.ndarray]
+    tile: int = 256
+    smin: tuple[float, ...] | None = None  # SMinSampleValue tag values, if written
+    smax: tuple[float, ...] | None = None
+    tags: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def channels(self) -> int:
+        return 1 if self.levels[0].ndim == 2 else self.levels[0].shape[2]
+
+    @property
+    def is_float(self) -> bool:
+        return np.issubdtype(self.levels[0].dtype, np.floating)
+
+    def level(self, resolution: int) -> np.ndarray:
+        """Level by IIP resolution number (0 = smallest)."""
+        return self.levels[len(self.levels) - 1 - resolution]
+
+    def ntiles(self, resolution: int) -> tuple[int, int]:
+        h, w = self.level(resolution).shape[:2]
+        return -(-w // self.tile), -(-h // self.tile)
+
+
+@dataclass
+class ImageSet:
+    """The folder of generated images and what was written into each."""
+
+    root: Path
+    images: dict[str, TestImage]
+    mtime: int = IMAGE_MTIME
+    mtime_http: str = IMAGE_MTIME_HTTP
+
+    def __getitem__(self, name: str) -> TestImage:
+        return self.images[name]
+
+
+def _ramp_float(width: int, height: int) -> np.ndarray:
+    """A float32 ramp with ripples and a few non-finite pixels (f1nomm.tif)."""
+    y, x = np.mgrid[0:height, 0:width].astype(np.float64)
+    out = (0.5 * x - 0.25 * y + 20.0 * np.sin(x / 37.0) * np.cos(y / 23.0) - 30.0).astype(
+        np.float32
+    )
+    out[100, 100] = np.nan
+    out[200:203, 300] = np.inf
+    out[600, 900] = -np.inf
+    return out
+
+
+def _two_band_float(width: int, height: int) -> np.ndarray:
+    """Two float32 bands inside the f2.tif tag ranges (-10..189.5 and 1000..1598)."""
+    y, x = np.mgrid[0:height, 0:width].astype(np.float64)
+    band0 = -10.0 + 199.5 * (x / (width - 1)) * (0.5 + 0.5 * np.cos(y / 40.0))
+    band1 = 1000.0 + 598.0 * (y / (height - 1))
+    return np.stack([band0, band1], axis=2).astype(np.float32)
+
+
+def _texture_rgb(width: int, height: int, seed: int) -> np.ndarray:
+    """RGB uint8 with structure at several scales (to exercise JPEG on real detail)."""
+    rng = np.random.default_rng(seed)
+    base = rgb_image(width, height).astype(np.float64)
+    y, x = np.mgrid[0:height, 0:width]
+    base[..., 2] = 128 + 100 * np.sin(x / 9.0) * np.sin(y / 13.0)
+    base += rng.normal(0, 6, size=base.shape)
+    return np.clip(np.round(base), 0, 255).astype(np.uint8)
+
+
+def _builders() -> list[tuple[TestImage, Callable[[Path, TestImage], None]]]:
+    """Each test image and how to write it."""
+    rgb_levels = pyramid_levels(rgb_image())
+    out: list[tuple[TestImage, Callable[[Path, TestImage], None]]] = []
+
+    def add(image: TestImage, extratags: Sequence[tuple[object, ...]] = (), **kwargs: Any) -> None:
+        def write(path: Path, img: TestImage) -> None:
+            extra = list(extratags)
+            if img.smin is not None and img.smax is not None:
+                extra += smin_smax_tags(img.smin, img.smax)
+            write_pyramid(path, img.levels, extratags=extra, **kwargs)
+
+        out.append((image, write))
+
+    # §22 conformance images (1000x750, 3 levels).
+    add(
+        TestImage("rgb.tif", rgb_levels),
+        photometric="rgb",
+        compression="jpeg",
+        compressionargs={"level": 90},
+    )
+    add(TestImage("rgb_raw.tif", rgb_levels), photometric="rgb")
+    add(TestImage("grey.tif", [lv[..., 0].copy() for lv in rgb_levels]), photometric="minisblack")
+    add(TestImage("f1nomm.tif", pyramid_levels(_ramp_float(1000, 750))), photometric="minisblack")
+    add(
+        TestImage(
+            "f2.tif",
+            pyramid_levels(_two_band_float(1000, 750)),
+            smin=(-10.0, 1000.0),
+            smax=(189.5, 1598.0),
+        ),
+        photometric="minisblack",
+        planarconfig="contig",
+    )
+
+    # Small extra images.
+    y, x = np.mgrid[0:400, 0:600]
+    grey16 = ((x * 109 + y * 3) % 65536).astype(np.uint16)
+    add(TestImage("grey16.tif", pyramid_levels(grey16)), photometric="minisblack")
+
+    star = star_field(512, 384, seed=3)
+    add(
+        TestImage(
+            "star.tif",
+            pyramid_levels(star),
+            smin=(float(star.min()),),
+            smax=(float(star.max()),),
+        ),
+        photometric="minisblack",
+    )
+
+    cube = star_field(400, 300, seed=7, channels=3)
+    add(
+        TestImage(
+            "cube.tif",
+            pyramid_levels(cube),
+            smin=tuple(float(v) for v in cube.min(axis=(0, 1))),
+            smax=tuple(float(v) for v in np.percentile(cube, 99.5, axis=(0, 1))),
+        ),
+        photometric="minisblack",
+        planarconfig="contig",
+    )
+
+    rng = np.random.default_rng(11)
+    y5, x5 = np.mgrid[0:200, 0:300]
+    band5 = np.stack(
+        [
+            (x5 * 200).astype(np.uint16),
+            (y5 * 300).astype(np.uint16),
+            ((x5 + y5) * 130).astype(np.uint16),
+            rng.integers(0, 65535, size=(200, 300), dtype=np.uint16),
+            np.full((200, 300), 65535, dtype=np.uint16),
+        ],
+        axis=2,
+    )
+    add(
+        TestImage("band5.tif", pyramid_levels(band5)),
+        photometric="minisblack",
+        planarconfig="contig",
+    )
+
+    add(
+        TestImage("deflate.tif", pyramid_levels(_texture_rgb(320, 240, 5))),
+        photometric="rgb",
+        compression="zlib",
+    )
+
+    bigf = star_field(300, 300, seed=13)
+    add(
+        TestImage("bigfloat.tif", pyramid_levels(bigf), smin=(90.0,), smax=(400.0,)),
+        photometric="minisblack",
+        bigtiff=True,
+    )
+
+    yi, xi = np.mgrid[0:200, 0:300]
+    int32 = (xi.astype(np.int64) * 7_000_000 + yi * 1_000_000).astype(np.int32)
+    add(TestImage("int32.tif", pyramid_levels(int32)), photometric="minisblack")
+
+    meta_tags = {
+        "subject": "A small test image for iipserver",
+        "author": "Test Artist",
+        "copyright": "CC-BY 4.0 Test Observatory",
+        "create-dtm": "2024:03:02 03:04:05",
+        "app-name": "testsuite 1.0",
+    }
+    add(
+        TestImage("meta.tif", pyramid_levels(_texture_rgb(200, 150, 9)), tags=meta_tags),
+        photometric="rgb",
+        description=meta_tags["subject"],
+        extratags=[
+            (315, "s", 0, meta_tags["author"], True),
+            (33432, "s", 0, meta_tags["copyright"], True),
+            (306, "s", 0, meta_tags["create-dtm"], True),
+            (305, "s", 0, meta_tags["app-name"], True),
+        ],
+    )
+    return out
+
+
+@pytest.fixture(scope="session")
+def images(tmp_path_factory: pytest.TempPathFactory) -> ImageSet:
+    """All test images, written once into a temporary folder (the servers' prefix)."""
+    root = tmp_path_factory.mktemp("images")
+    catalogue: dict[str, TestImage] = {}
+    for image, write in _builders():
+        path = root / image.name
+        write(path, image)
+        os.utime(path, (IMAGE_MTIME, IMAGE_MTIME))
+        catalogue[image.name] = image
+    return ImageSet(root, catalogue)
+
+
+def _server_env(images: ImageSet, logfile: Path) -> dict[str, str]:
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if key
+        in ("PATH", "HOME", "LANG", "LC_ALL", "PYTHONPATH", "VIRTUAL_ENV", "TMPDIR", "SYSTEMROOT")
+        or key.startswith("PYENV")
+    }
+    env.update(
+        FILESYSTEM_PREFIX=f"{images.root}/",
+        VERBOSITY="0",
+        LOGFILE=str(logfile),
+        OMP_NUM_THREADS="1",
+        TZ="UTC",
+    )
+    return env
+
+
+@pytest.fixture(scope="session")
+def reference(
+    images: ImageSet, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerProcess]:
+    """Debian's iipsrv 1.1 on a free port, serving ``images``."""
+    if not (os.path.isfile(IIPSRV) and os.access(IIPSRV, os.X_OK)):
+        pytest.skip(f"iipsrv 1.1 not installed ({IIPSRV}); apt-get install iipimage-server")
+    logdir = tmp_path_factory.mktemp("iipsrv")
+    server = ServerProcess(
+        "iipsrv",
+        lambda port: [IIPSRV, "--bind", f"127.0.0.1:{port}"],
+        _server_env(images, logdir / "iipsrv.log"),
+        cwd=logdir,
+    )
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def ours(images: ImageSet, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """Our server, ``python -m iipserver fcgi``, on a free port, serving ``images``."""
+    logdir = tmp_path_factory.mktemp("iipserver")
+    env = _server_env(images, logdir / "iipserver.log")
+    repo = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (repo, env.get("PYTHONPATH", "")) if p)
+    override = os.environ.get("IIPSERVER_FCGI_COMMAND", "")
+
+    def argv(port: int) -> list[str]:
+        if override:  # e.g. another build; "{port}" is replaced by the port number
+            return [part.replace("{port}", str(port)) for part in shlex.split(override)]
+        bind = f"127.0.0.1:{port}"
+        return [sys.executable, "-m", "iipserver", "fcgi", "--bind", bind, "--workers", "1"]
+
+    server = ServerProcess("iipserver", argv, env, cwd=logdir)
+    server.start()
+    yield server
+    server.stop()
