@@ -21,6 +21,10 @@ def render(tile: np.ndarray, info: SourceInfo, rendering: Rendering) -> np.ndarr
     """Turn a raw tile into 8-bit output pixels (spec §9.3 steps 3–10)."""
     if rendering.needs_float(info):
         data = transforms.normalise(tile, rendering.mins, rendering.maxs)
+        if rendering.shade is not None:
+            data = transforms.shade(data, *rendering.shade)
+        if rendering.twist is not None:
+            data = transforms.twist(data, rendering.twist)
         if rendering.log_gamma:
             data = transforms.log_gamma(data)
         else:

@@ -17,18 +17,22 @@ _THIRD = _F32(1.0 / 3.0)
 def normalise(tile: np.ndarray, mins: Sequence[float], maxs: Sequence[float]) -> np.ndarray:
     """Map each channel c from [mins[c], maxs[c]] to [0, 1] in float32 (no clipping).
 
-    ``1/(max-min)`` is computed in double and stored as float (``1e30`` when the range is
-    ≤ 1e-30); non-finite float inputs become 0.
+    As iipsrv: the bounds are floats, ``max - min`` is a float difference, its inverse is
+    computed in double and stored as float (``1e30`` when ``|max - min| <= 1e-30``), and
+    ``(v - min) * inv`` is float arithmetic. Non-finite float inputs give 0.
     """
     channels = tile.shape[2]
-    lo = np.array([float(mins[c]) for c in range(channels)], dtype=np.float64)
-    span = np.array([float(maxs[c]) for c in range(channels)], dtype=np.float64) - lo
-    inv = np.where(np.abs(span) <= 1e-30, 1e30, 1.0 / np.where(span == 0, 1.0, span)).astype(_F32)
+    lo = np.array([mins[c] for c in range(channels)], dtype=_F32)
+    diff = np.array([maxs[c] for c in range(channels)], dtype=_F32) - lo
+    safe = np.where(np.abs(diff) > 1e-30, diff, _F32(1)).astype(np.float64)
+    inv = np.where(np.abs(diff) > 1e-30, 1.0 / safe, 1e30).astype(_F32)
     out = tile.astype(_F32, copy=True)
-    if tile.dtype.kind == "f":
-        out[~np.isfinite(out)] = 0
-    out -= lo.astype(_F32)
-    out *= inv
+    bad = ~np.isfinite(out) if tile.dtype.kind == "f" else None
+    with np.errstate(invalid="ignore", over="ignore"):
+        out -= lo
+        out *= inv
+    if bad is not None and bad.any():
+        out[bad] = 0
     return out
 
 
@@ -39,10 +43,53 @@ def gamma(tile: np.ndarray, exponent: float) -> np.ndarray:
     return np.power(np.maximum(tile, _F32(0)), _F32(exponent), dtype=_F32)
 
 
+#: ``1 / logf(256)`` computed as iipsrv does (double division stored as float).
+_LOG_SCALE = _F32(1.0 / float(np.log(_F32(256))))
+
+
 def log_gamma(tile: np.ndarray) -> np.ndarray:
     """``log(1 + 255 v) / log(256)`` in float32 (mainline's ``GAM=log``)."""
     with np.errstate(invalid="ignore", divide="ignore"):
-        return (np.log1p(tile * _F32(255), dtype=_F32) / np.log(_F32(256))).astype(_F32)
+        return (_LOG_SCALE * np.log(_F32(1) + tile * _F32(255), dtype=_F32)).astype(_F32)
+
+
+def twist(tile: np.ndarray, matrix: Sequence[Sequence[float]]) -> np.ndarray:
+    """Recombine channels with ``matrix`` (rows = output channels), keeping the channel count.
+
+    iipsrv 1.1 semantics: only the first ``min(rows, channels)`` rows are used, each row's
+    coefficients beyond the channel count are ignored and missing ones count as 0; output
+    channels without a row become 0 (1.1 leaves them undefined). Accumulation is float32 in
+    column order, skipping zero coefficients, as iipsrv does.
+    """
+    channels = tile.shape[2]
+    out = np.zeros_like(tile, dtype=_F32)
+    for k, row in enumerate(matrix[:channels]):
+        acc = out[:, :, k]
+        for j, m in enumerate(row[:channels]):
+            if m == 0:
+                continue
+            acc += tile[:, :, j] if m == 1 else tile[:, :, j] * _F32(m)
+    return out
+
+
+def shade(tile: np.ndarray, h_angle: int, v_angle: int) -> np.ndarray:
+    """Hill-shading of a 3-channel normal map lit from (h_angle, v_angle) degrees; 1 channel out."""
+    a = _F32(h_angle * 2 * np.pi / 360.0)
+    s_y = _F32(np.cos(a))
+    s_x = _F32(np.sqrt(1.0 - float(s_y) * float(s_y)))
+    if h_angle > 180:
+        s_x = -s_x
+    s_z = _F32(-np.sin(_F32(v_angle * 2 * np.pi / 360.0)))
+    norm = _F32(np.sqrt(s_x * s_x + s_y * s_y + s_z * s_z))
+    s = np.array([s_x / norm, s_y / norm, s_z / norm], dtype=_F32)
+    if tile.shape[2] < 3:
+        return tile[:, :, :1]
+    p = tile[:, :, :3].astype(_F32)
+    o = -(p - _F32(0.5)) * _F32(2.0)
+    o[np.all(p == 0, axis=2)] = 0
+    dot = (s[0] * o[:, :, 0] + s[1] * o[:, :, 1]) + s[2] * o[:, :, 2]
+    dot = np.clip(_F32(0.5) * dot, 0, 1)
+    return dot.astype(_F32)[:, :, None]
 
 
 def invert(tile: np.ndarray) -> np.ndarray:

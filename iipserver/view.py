@@ -29,6 +29,8 @@ class Rendering:
     colour: str | None = None
     rotation: float = 0.0
     flip: int = 0
+    twist: tuple[tuple[float, ...], ...] | None = None
+    shade: tuple[int, int] | None = None
 
     def needs_float(self, info: SourceInfo) -> bool:
         """Tell whether tiles go through the float pipeline (spec §9.3 step 4, iipsrv 1.1)."""
@@ -41,6 +43,8 @@ class Rendering:
             or self.log_gamma
             or self.invert
             or self.colormap is not None
+            or self.twist is not None
+            or self.shade is not None
         )
 
 
@@ -60,6 +64,8 @@ class View:
     colour: str | None = None
     rotation: float = 0.0
     flip: int = 0
+    twist: tuple[tuple[float, ...], ...] | None = None
+    shade: tuple[int, int] | None = None
     minmax: dict[int | None, tuple[float, float]] = field(default_factory=dict)
     sequence: tuple[int, int] = (0, 90)
 
@@ -97,4 +103,6 @@ class View:
             colour=self.colour,
             rotation=self.rotation,
             flip=self.flip,
+            twist=self.twist,
+            shade=self.shade,
         )

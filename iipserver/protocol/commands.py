@@ -92,6 +92,21 @@ class Colormap(Command):
 
 
 @dataclass(frozen=True)
+class ColorTwist(Command):
+    """CTW: channel recombination matrix, one row per output channel."""
+
+    matrix: tuple[tuple[float, ...], ...]
+
+
+@dataclass(frozen=True)
+class Shade(Command):
+    """SHD: hill-shading light direction in degrees."""
+
+    h_angle: int
+    v_angle: int
+
+
+@dataclass(frozen=True)
 class Colour(Command):
     """COL: ``grey`` or ``binary`` output."""
 
@@ -222,6 +237,31 @@ def _rot(arg: str) -> Command:
     return Rotate(angle, flip)
 
 
+def _lenient_float(text: str) -> float:
+    m = _FLOAT.match(text)
+    return float(m.group(1)) if m else 0.0
+
+
+def _ctw(arg: str) -> Command:
+    text = url_decode(arg)
+    start, end = text.find("["), text.find("]")
+    if start >= 0 and end > start:
+        text = text[start + 1 : end]
+    rows = tuple(
+        tuple(_lenient_float(v) for v in row.split(",")) for row in text.split(";") if row.strip()
+    )
+    if not rows or len(rows) > 256 or any(len(r) > 256 for r in rows):
+        raise _Malformed(arg)
+    return ColorTwist(rows)
+
+
+def _shd(arg: str) -> Command:
+    first, sep, second = arg.partition(",")
+    if not sep:
+        raise _Malformed(arg)
+    return Shade(atoi(first), atoi(second))
+
+
 def _tile(fmt: OutputFormat) -> Callable[[str], Command]:
     def parse(arg: str) -> Command:
         first, sep, second = arg.partition(",")
@@ -257,6 +297,8 @@ PARSERS: dict[str, Callable[[str], Command]] = {
     "cmp": lambda arg: Colormap(arg.lower()),
     "col": lambda arg: Colour(arg.lower()),
     "rot": _rot,
+    "ctw": _ctw,
+    "shd": _shd,
     "jtl": _tile(OutputFormat.JPEG),
     "ptl": _tile(OutputFormat.PNG),
     "wtl": _tile(OutputFormat.WEBP),

@@ -10,6 +10,7 @@ from iipserver.pipeline import Pipeline
 from iipserver.protocol import responses
 from iipserver.protocol.commands import (
     Colormap,
+    ColorTwist,
     Colour,
     Command,
     Contrast,
@@ -23,6 +24,7 @@ from iipserver.protocol.commands import (
     Obj,
     Quality,
     Rotate,
+    Shade,
     Tile,
     Unknown,
 )
@@ -131,6 +133,10 @@ class Session:
                 if mode == "binary":
                     raise NotImplementedCommand("COL=binary is not supported yet")
                 view.colour = mode
+            case ColorTwist(matrix):
+                view.twist = matrix
+            case Shade(h_angle, v_angle):
+                view.shade = (h_angle, v_angle)
             case Rotate(angle, flip):
                 view.rotation, view.flip = angle, flip
             case Unknown(name):

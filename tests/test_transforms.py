@@ -1,0 +1,120 @@
+"""Pure transforms on tiny arrays, against values computed by hand (spec §10)."""
+
+import numpy as np
+import pytest
+
+from iipserver import transforms as t
+
+
+def test_normalise_per_channel_and_non_finite():
+    tile = np.array([[[0.0, 1000.0], [np.nan, 1598.0], [189.5, np.inf]]], dtype=np.float32)
+    out = t.normalise(tile, [-10, 1000], [189.5, 1598])
+    assert out.dtype == np.float32
+    np.testing.assert_allclose(out[0, :, 0], [10 / 199.5, 0.0, 1.0], rtol=1e-6)
+    np.testing.assert_allclose(out[0, :, 1], [0.0, 1.0, 0.0], rtol=1e-6)
+
+
+def test_normalise_zero_range_uses_huge_inverse():
+    out = t.normalise(np.array([[[5.0]]], dtype=np.float32), [5], [5])
+    assert out[0, 0, 0] == 0
+    out = t.normalise(np.array([[[6.0]]], dtype=np.float32), [5], [5])
+    assert out[0, 0, 0] == np.float32(1e30)
+
+
+def test_normalise_integers():
+    out = t.normalise(np.array([[[0], [32768], [65535]]], dtype=np.uint16), [0], [65535])
+    np.testing.assert_allclose(out[0, :, 0], [0, 32768 / 65535, 1], rtol=1e-6)
+
+
+def test_quantise_truncates_clips_and_maps_nan_to_white():
+    tile = np.array([[[-0.5], [0.0], [0.5], [0.9999], [1.0], [7.0], [np.nan]]], dtype=np.float32)
+    assert t.quantise(tile)[0, :, 0].tolist() == [0, 0, 127, 254, 255, 255, 255]
+    assert t.quantise(tile, 2.0)[0, :, 0].tolist() == [0, 0, 255, 255, 255, 255, 255]
+
+
+def test_gamma_and_log():
+    tile = np.array([[[-1.0], [0.25], [1.0]]], dtype=np.float32)
+    np.testing.assert_allclose(t.gamma(tile, 0.5)[0, :, 0], [0, 0.5, 1])
+    assert t.gamma(tile, 1.0) is tile
+    np.testing.assert_allclose(
+        t.log_gamma(np.array([[[0.0], [1.0]]], np.float32))[0, :, 0], [0, 1], atol=1e-6
+    )
+
+
+def test_invert():
+    np.testing.assert_allclose(
+        t.invert(np.array([[[0.25], [2.0]]], np.float32))[0, :, 0], [0.75, -1]
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "rgb"),
+    [
+        ("hot", 0.1, (0.3, 0, 0)),
+        ("hot", 0.5, (1, 0.5, 0)),
+        ("hot", 0.9, (1, 1, 0.7)),
+        ("hot", 1.5, (1, 1, 1)),
+        ("hot", -1, (0, 0, 0)),
+        ("hot", np.nan, (1, 1, 1)),
+        ("cold", 0.1, (0, 0, 0.3)),
+        ("cold", 0.5, (0, 0.5, 1)),
+        ("jet", 0.0, (0, 0, 0.5)),
+        ("jet", 0.25, (0, 0.5, 1)),
+        ("jet", 0.5, (0.5, 1, 0.5)),
+        ("jet", 0.75, (1, 0.5, 0)),
+        ("jet", 0.9, (0.9, 0, 0)),
+        ("jet", 2.0, (0.5, 0, 0)),
+        ("jet", -0.1, (0, 0, 0)),
+        ("red", 0.4, (0.4, 0, 0)),
+        ("blue", 0.4, (0, 0, 0.4)),
+    ],
+)
+def test_colormaps(name, value, rgb):
+    out = t.colormap(np.array([[[value, 0.9]]], dtype=np.float32), name)
+    np.testing.assert_allclose(out[0, 0], rgb, atol=1e-6)
+
+
+def test_unknown_colormap_is_identity():
+    tile = np.zeros((1, 1, 1), np.float32)
+    assert t.colormap(tile, "grey") is tile
+
+
+def test_twist_keeps_channel_count_and_ignores_extra_columns():
+    tile = np.array([[[0.1, 0.2]]], dtype=np.float32)
+    out = t.twist(tile, [(1, 1, 5), (0, 2), (3, 3)])
+    assert out.shape == (1, 1, 2)
+    np.testing.assert_allclose(out[0, 0], [0.3, 0.4], rtol=1e-6)
+    grey = t.twist(np.array([[[0.5]]], np.float32), [(1,), (1,), (1,)])
+    assert grey.shape == (1, 1, 1) and grey[0, 0, 0] == np.float32(0.5)
+    short = t.twist(np.array([[[0.1, 0.2, 0.3]]], np.float32), [(0, 0, 1)])
+    np.testing.assert_allclose(short[0, 0], [0.3, 0, 0], rtol=1e-6)
+
+
+def test_shade_light_from_above():
+    # light s = (0, 1, -1)/sqrt(2); normals o = -(p - 0.5)·2
+    tile = np.array([[[0.5, 0.0, 0.5], [0.5, 0.5, 0.0], [0, 0, 0]]], dtype=np.float32)
+    out = t.shade(tile, 0, 90)
+    assert out.shape == (1, 3, 1)
+    assert out[0, 0, 0] == pytest.approx(0.5 / np.sqrt(2), abs=1e-6)  # o = (0, 1, 0)
+    assert out[0, 1, 0] == 0  # o = (0, 0, 1): facing away, clamped
+    assert out[0, 2, 0] == 0  # all-zero pixel: no normal
+
+
+def test_flatten_and_greyscale():
+    assert t.flatten(np.zeros((2, 2, 2))).shape == (2, 2, 1)
+    assert t.flatten(np.zeros((2, 2, 5))).shape == (2, 2, 3)
+    assert t.flatten(np.zeros((2, 2, 3))).shape == (2, 2, 3)
+    grey = t.greyscale(
+        np.array([[[255, 255, 255], [255, 0, 0], [0, 255, 0], [0, 0, 255]]], np.uint8)
+    )
+    assert grey[0, :, 0].tolist() == [255, 76, 149, 29]
+
+
+def test_orient():
+    tile = np.arange(6, dtype=np.uint8).reshape(2, 3, 1)
+    np.testing.assert_array_equal(t.orient(tile, 90, 0)[:, :, 0], [[3, 0], [4, 1], [5, 2]])
+    np.testing.assert_array_equal(t.orient(tile, 180, 0)[:, :, 0], [[5, 4, 3], [2, 1, 0]])
+    np.testing.assert_array_equal(t.orient(tile, 270, 0)[:, :, 0], [[2, 5], [1, 4], [0, 3]])
+    np.testing.assert_array_equal(t.orient(tile, 0, 1)[:, :, 0], [[2, 1, 0], [5, 4, 3]])
+    np.testing.assert_array_equal(t.orient(tile, 0, 2)[:, :, 0], [[3, 4, 5], [0, 1, 2]])
+    assert t.orient(tile, 45, 0) is tile
