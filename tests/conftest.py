@@ -200,7 +200,8 @@ def _builders() -> list[tuple[TestImage, Callable[[Path, TestImage], None]]]:
     )
 
     yi, xi = np.mgrid[0:200, 0:300]
-    int32 = (xi.astype(np.int64) * 7_000_000 + yi * 1_000_000).astype(np.int32)
+    # Non-negative and below 2**31 (1.1 reads 32-bit integers as unsigned).
+    int32 = (xi.astype(np.int64) * 6_000_000 + yi * 1_000_000).astype(np.int32)
     add(TestImage("int32.tif", pyramid_levels(int32)), photometric="minisblack")
 
     meta_tags = {

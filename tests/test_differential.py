@@ -207,6 +207,14 @@ OBJ_QUERIES = [
         "meta-fields",
     ),
     _p("FIF=meta.tif&OBJ=title&OBJ=Subject&OBJ=comment&OBJ=keywords", "meta-empty-fields-skipped"),
+    _p(
+        "FIF=meta.tif&OBJ=last-author&OBJ=rev-number&OBJ=edit-time&OBJ=last-printed"
+        "&OBJ=last-save-dtm&OBJ=Max-size",
+        "meta-always-empty-fields",
+    ),
+    _p("FIF=meta.tif&OBJ=IIP,1.0&OBJ=title", "empty-title-with-iip"),
+    _p("FIF=rgb.tif&OBJ=Colorspace,0-2,0", "colorspace-with-suffix"),
+    _p("FIF=grey16.tif&OBJ=IIP,1.0&OBJ=Tile-size&FOO", "trailing-unknown-discards-obj"),
     _p("FIF=rgb.tif&MINMAX=1:0,100&OBJ=Min-Max-sample-values", "minmax-changes-obj"),
     _p("FIF=f2.tif&MINMAX=2:0,5&OBJ=Min-Max-sample-values", "minmax-1based-ch2"),
     _p("FIF=f2.tif&MINMAX=0:1,2&OBJ=Min-Max-sample-values", "minmax-ch0-ignored"),
@@ -227,7 +235,6 @@ OBJ_QUERIES = [
     _p("FIF=rgb.tif&Foo=1&OBJ=Max-size", "unknown-discards-obj"),
     _p("FIF=rgb.tif&OBJ=foo", "case8-unknown-obj"),
     _p("FIF=rgb.tif&OBJ=Max-size&OBJ=foo&OBJ=Tile-size", "bad-obj-discards-body"),
-    _p("FIF=rgb.tif&OBJ=iip,2.0", "iip-2.0-unknown"),
     _p("FIF=rgb.tif", "case10-fif-only"),
     _p("FIF=rgb.tif&OBJ=subject", "case10-absent-subject-cut"),
     _p("FIF=rgb.tif&OBJ=", "dropped-obj-2-1"),
