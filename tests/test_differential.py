@@ -24,6 +24,7 @@ from __future__ import annotations
 import email.utils
 from collections.abc import Sequence
 
+import fcgi_client
 import numpy as np
 import pytest
 from conftest import ImageSet
@@ -592,5 +593,32 @@ def test_reference_did_not_crash(reference: ServerProcess) -> None:
     assert reference.crashes == []
 
 
+# ----------------------------------------------------------------------------------------
+# The harness itself (no servers needed).
+
+
 def test_iip_error_codes_helper() -> None:
     assert iip_error_codes(b"Error/7:2 2 FOO\r\nError/12:1 3 max-size\r\n") == [b"2 2", b"1 3"]
+
+
+def test_fcgi_params_long_lengths_and_split_records() -> None:
+    params = [("QUERY_STRING", "x" * 70000), ("N" * 130, ""), ("A", "b")]
+    encoded = fcgi_client.encode_params(params)
+    assert encoded[:5] == bytes([12, 0x80, 0x01, 0x11, 0x70])  # 70000 with the high bit set
+    assert fcgi_client.decode_params(encoded) == [(n.encode(), v.encode()) for n, v in params]
+    records = fcgi_client.stream(fcgi_client.FCGI_PARAMS, 1, encoded)
+    assert records.endswith(fcgi_client.record(fcgi_client.FCGI_PARAMS, 1))
+    assert len(records) % 8 == 0
+
+
+def test_parse_cgi_stops_at_first_blank_line() -> None:
+    raw = b"Server: a\r\nCache-Control: b\r\n\r\nContent-Type: c\r\n\r\nIIP:1.0\r\n"
+    status, _, headers, body = fcgi_client.parse_cgi(raw)
+    assert status == 200 and [n for n, _ in headers] == ["Server", "Cache-Control"]
+    fixed = repair_header_block(Response(status, headers, body, raw))
+    assert fixed.names() == ["Server", "Cache-Control", "Content-Type"]
+    assert fixed.body == b"IIP:1.0\r\n"
+    assert fcgi_client.parse_cgi(b"Status: 404 Not Found\nServer: x\n\nmissing")[:2] == (
+        404,
+        "Not Found",
+    )
