@@ -244,6 +244,7 @@ OBJ_QUERIES = [
     _p("&&&", "only-empty-tokens"),
     _p("OBJ=Max-size", "case11-no-fif"),
     _p("OBJ=Resolution-number&OBJ=Tile-size", "no-fif-two-objs"),
+    _p("OBJ=iip-server&OBJ=Max-size", "no-fif-error-discards-obj"),
     _p("JTL=0,0", "jtl-no-fif"),
 ]
 
@@ -293,17 +294,26 @@ def test_five_bands_without_tags_no_out_of_bounds(
 
 
 @pytest.mark.parametrize(
-    "query",
-    [_p("OBJ=IIP,1.0", "case7-no-fif"), _p("FIF=&OBJ=IIP,1.0", "empty-fif-dropped")],
+    ("query", "body"),
+    [
+        pytest.param("OBJ=IIP,1.0", b"IIP:1.0\r\n", id="case7-no-fif"),
+        pytest.param("FIF=&OBJ=IIP,1.0", b"IIP:1.0\r\n", id="empty-fif-dropped"),
+        pytest.param("OBJ=IIP-server", b"\r\nIIP-server:3.65\r\n", id="iip-server-no-fif"),
+        pytest.param(
+            "OBJ=iip-opt-comm&OBJ=IIP,1.0",
+            b"IIP:1.0\r\nIIP-opt-comm:CVT CNT QLT JTL JTLS WID HEI RGN MINMAX SHD CMP INV CTW\r\n",
+            id="iip-opt-comm-no-fif",
+        ),
+    ],
 )
 def test_well_formed_headers_without_image(
-    reference: ServerProcess, ours: ServerProcess, images: ImageSet, query: str
+    reference: ServerProcess, ours: ServerProcess, images: ImageSet, query: str, body: bytes
 ) -> None:
     """1.1's empty Last-Modified line ends its headers early; ours keeps them whole."""
     ref, mine = _both(reference, ours, query)
     assert ref.body.startswith(b"Content-Type: application/vnd.netfpx\r\n")  # the 1.1 accident
     fixed = repair_header_block(ref)
-    assert fixed.body == b"IIP:1.0\r\n"
+    assert fixed.body == body
     assert_equivalent(query, fixed, mine, prefix=f"{images.root}/")
 
 
