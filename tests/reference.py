@@ -151,8 +151,10 @@ class ServerProcess:
 # --------------------------------------------------------------------------------------
 # Response comparison
 
-#: Headers that a policy lets us add to any response (policy §1, §2).
-ALLOWED_EXTRA = {"content-length", "content-type"}
+#: Headers that a policy lets us add to any response (policy §1, §2): Content-Length and
+#: Content-Type everywhere; Cache-Control on errors (``no-cache``, the caching issue) and, with
+#: Last-Modified, on 304 replies (a 304 carries the cache headers its 200 would, RFC 9110).
+ALLOWED_EXTRA = {"content-length", "content-type", "cache-control", "last-modified"}
 #: Headers whose values legitimately differ between the two servers.
 VALUE_EXEMPT = {"server", "content-length", "status"}
 

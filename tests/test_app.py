@@ -61,6 +61,13 @@ def app(data):
 LM = email.utils.formatdate(MTIME, usegmt=True)
 
 
+def test_minmax_changes_advertised_range_for_the_request(app):
+    r = call(app, "FIF=rgb.tif&MINMAX=1:0,100&OBJ=Min-Max-sample-values")
+    assert r.body == b"\r\nMin-Max-sample-values: 0  100  0  255  0  255\r\n"
+    r = call(app, "FIF=rgb.tif&OBJ=Min-Max-sample-values")
+    assert r.body == b"\r\nMin-Max-sample-values: 0  255  0  255  0  255\r\n"
+
+
 def test_float_without_tags_advertises_computed_range(app):
     smallest = pyramid_levels(np.linspace(0, 1000, 300 * 200, dtype=np.float32).reshape(200, 300))[
         -1
@@ -175,9 +182,9 @@ def test_iip_errors(app, query, body):
             b"nonexist.tif is neither a file nor part of an image sequence",
         ),
         ("FIF=rgb.tif&JTL=2,12", 404, b"Asked for non-existent tile: 12"),
-        ("FIF=rgb.tif&JTL=3,0", 404, b"Asked for non-existent resolution: 3"),
-        ("FIF=rgb.tif&JTL=4,0", 404, b"Asked for non-existent resolution: 4"),
-        ("FIF=rgb.tif&JTL=129500,1", 404, b"Asked for non-existent resolution: 129500"),
+        ("FIF=rgb.tif&JTL=3,0", 404, b"TIFFSetDirectory failed"),
+        ("FIF=rgb.tif&JTL=4,0", 404, b"TPTImage :: Asked for non-existent resolution: 4"),
+        ("FIF=rgb.tif&JTL=129500,1", 404, b"TPTImage :: Asked for non-existent resolution: 129500"),
         ("FIF=rgb.tif&JTL=0,99999999999999", 404, b"Asked for non-existent tile: 99999999999999"),
     ],
 )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import email.utils
 from collections.abc import Sequence
 
@@ -36,6 +37,9 @@ from iipserver.settings import Settings
 from iipserver.sources import paths
 from iipserver.sources.pool import SourcePool
 from iipserver.view import View
+
+#: Output commands that need an image (error ``1 3`` without one, never a crash).
+OUTPUT_COMMANDS = frozenset({"CVT", "TIL", "PFL", "SPECTRA"})
 
 #: OBJ names that need no image.
 STATIC_OBJECTS = frozenset({"iip-server", "iip-opt-comm", "iip-opt-obj"})
@@ -144,6 +148,8 @@ class Session:
             case Invalid(_, error):
                 raise error
             case NotYetSupported(name):
+                if view.image is None and name in OUTPUT_COMMANDS:
+                    raise ProtocolError("1 3", "")
                 raise NotImplementedCommand(f"{name} is not supported yet")
             case Ignored():
                 pass
@@ -169,7 +175,11 @@ class Session:
                 self.lines.extend(responses.OBJECTS[name](None, self.settings, 0.0))  # type: ignore[arg-type]
                 return
             raise ProtocolError("1 3", name)
-        found = responses.obj_lines(name, image.source.info, self.settings, self.view.rotation)
+        info = image.source.info
+        if self.view.minmax:  # MINMAX holds for the rest of the request, OBJ included
+            mins, maxs = self.view.ranges(info)
+            info = dataclasses.replace(info, min_values=mins, max_values=maxs)
+        found = responses.obj_lines(name, info, self.settings, self.view.rotation)
         if found is None:
             self.errors.append(("3 2", name))
         else:

@@ -242,7 +242,9 @@ class TiffSource:
 
     def _page(self, resolution: int) -> tifffile.TiffPage:
         if not 0 <= resolution < len(self._pages):
-            raise ResolutionNotFound(f"Asked for non-existent resolution: {resolution}")
+            if resolution == len(self._pages):  # iipsrv 1.1's texts, kept for compatibility
+                raise ResolutionNotFound("TIFFSetDirectory failed")
+            raise ResolutionNotFound(f"TPTImage :: Asked for non-existent resolution: {resolution}")
         return self._pages[resolution]
 
     def read_tile(self, resolution: int, index: int) -> np.ndarray:
