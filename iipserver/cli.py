@@ -87,14 +87,34 @@ def build_parser() -> argparse.ArgumentParser:
         help="address to listen on; without it, descriptor 0 must be a listening socket "
         "(as a FastCGI process manager such as spawn-fcgi or mod_fcgid passes it)",
     )
-    fcgi.add_argument("--workers", type=_positive, default=_default_workers(), metavar="N",
-                      help="worker processes (default: number of CPUs, %(default)s)")
-    fcgi.add_argument("--socket-mode", type=_mode, default=0o660, metavar="MODE",
-                      help="permissions of a Unix socket, octal (default 0660)")
-    fcgi.add_argument("--max-requests", type=_non_negative, default=0, metavar="N",
-                      help="replace a worker after N requests (default 0: never)")
-    fcgi.add_argument("--backlog", type=_positive, default=socket.SOMAXCONN, metavar="N",
-                      help="listen queue length (default %(default)s)")
+    fcgi.add_argument(
+        "--workers",
+        type=_positive,
+        default=_default_workers(),
+        metavar="N",
+        help="worker processes (default: number of CPUs, %(default)s)",
+    )
+    fcgi.add_argument(
+        "--socket-mode",
+        type=_mode,
+        default=0o660,
+        metavar="MODE",
+        help="permissions of a Unix socket, octal (default 0660)",
+    )
+    fcgi.add_argument(
+        "--max-requests",
+        type=_non_negative,
+        default=0,
+        metavar="N",
+        help="replace a worker after N requests (default 0: never)",
+    )
+    fcgi.add_argument(
+        "--backlog",
+        type=_positive,
+        default=socket.SOMAXCONN,
+        metavar="N",
+        help="listen queue length (default %(default)s)",
+    )
 
     serve = commands.add_parser(
         "serve",
@@ -103,16 +123,35 @@ def build_parser() -> argparse.ArgumentParser:
         "and a viewer page (/) over HTTP. Without DATA_DIR a demo image set is generated and "
         "served.",
     )
-    serve.add_argument("data_dir", nargs="?", metavar="DATA_DIR",
-                       help="directory of images (becomes FILESYSTEM_PREFIX)")
-    serve.add_argument("--host", default="127.0.0.1",
-                       help="address to listen on (default %(default)s)")
-    serve.add_argument("--port", type=_non_negative, default=8080,
-                       help="TCP port (default %(default)s; 0 picks a free one)")
-    serve.add_argument("--workers", type=_positive, default=_default_workers(), metavar="N",
-                       help="worker processes (default: number of CPUs, %(default)s)")
-    serve.add_argument("--backlog", type=_positive, default=socket.SOMAXCONN, metavar="N",
-                       help="listen queue length (default %(default)s)")
+    serve.add_argument(
+        "data_dir",
+        nargs="?",
+        metavar="DATA_DIR",
+        help="directory of images (becomes FILESYSTEM_PREFIX)",
+    )
+    serve.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default %(default)s)"
+    )
+    serve.add_argument(
+        "--port",
+        type=_non_negative,
+        default=8080,
+        help="TCP port (default %(default)s; 0 picks a free one)",
+    )
+    serve.add_argument(
+        "--workers",
+        type=_positive,
+        default=_default_workers(),
+        metavar="N",
+        help="worker processes (default: number of CPUs, %(default)s)",
+    )
+    serve.add_argument(
+        "--backlog",
+        type=_positive,
+        default=socket.SOMAXCONN,
+        metavar="N",
+        help="listen queue length (default %(default)s)",
+    )
     return parser
 
 

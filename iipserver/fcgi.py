@@ -75,6 +75,7 @@ class _Connection(Connection):
     def __init__(self, sock: socket.socket, addr: Any, server: FastCGIWorker) -> None:
         super().__init__(sock, addr, server, None)
         self.worker = server
+        self.linger = True  # wait for the peer to close after our last response
 
     def process_input(self) -> None:
         """Wait for the next record, or end an idle connection; then let flup read it."""
@@ -92,20 +93,27 @@ class _Connection(Connection):
                 prefork.drain(worker.wake)
             if idle:
                 worker.apply_hup()
-                if worker.stopping or time.monotonic() - since > IDLE_LIMIT:
-                    raise EOFError
-                if worker.listen_sock in ready and worker.connection_waiting():
+                if (
+                    worker.stopping
+                    or time.monotonic() - since > IDLE_LIMIT
+                    or (worker.listen_sock in ready and worker.connection_waiting())
+                ):
+                    self.linger = False  # nothing unread: close at once
                     raise EOFError
             elif time.monotonic() - since > IO_TIMEOUT:
+                self.linger = False
                 raise EOFError  # a request that never completes
         if self._keepGoing:
             super().process_input()
 
     def _cleanupSocket(self) -> None:  # noqa: N802 - flup's name
         """Half-close, give the peer a moment to close too, then close (flup waits forever)."""
+        if not self.linger:
+            self._sock.close()
+            return
         try:
             self._sock.shutdown(socket.SHUT_WR)
-            deadline = time.monotonic() + 2.0
+            deadline = time.monotonic() + 1.0
             while (remaining := deadline - time.monotonic()) > 0:
                 ready, _, _ = select.select([self._sock], [], [], remaining)
                 if not ready or not self._sock.recv(4096):

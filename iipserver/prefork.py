@@ -239,16 +239,26 @@ class Supervisor:
 
 
 def worker_signals(on_stop: Callable[[], None], on_hup: Callable[[], None]) -> int:
-    """Install a worker's handlers and a wakeup pipe; return the pipe's read end.
+    """Install a worker's handlers and a notification pipe; return the pipe's read end.
 
-    The handlers run the given callbacks, which must only set flags or start threads. The read
-    end becomes readable whenever a signal arrives, so a worker blocked in ``select`` wakes up.
+    Each handler runs its callback (which must only set flags) and then writes a byte to the
+    pipe, so whatever waits on the read end, the main thread or a control thread, wakes up and
+    sees the flag. (``signal.set_wakeup_fd`` would not do for a control thread: it writes from
+    the C-level handler, before the Python handler has set the flag.)
     """
     wake_r, wake_w = _nonblocking_pipe()
+
+    def notify(callback: Callable[[], None]) -> Callable[[int, FrameType | None], None]:
+        def handler(signum: int, frame: FrameType | None) -> None:
+            callback()
+            with contextlib.suppress(BlockingIOError):
+                os.write(wake_w, b"\0")
+
+        return handler
+
     for sig in STOP_SIGNALS:
-        signal.signal(sig, lambda signum, frame: on_stop())
-    signal.signal(signal.SIGHUP, lambda signum, frame: on_hup())
-    signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+        signal.signal(sig, notify(on_stop))
+    signal.signal(signal.SIGHUP, notify(on_hup))
     return wake_r
 
 
