@@ -43,6 +43,13 @@ def _non_negative(text: str) -> int:
     return value
 
 
+def _port(text: str) -> int:
+    value = _non_negative(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"expected a TCP port 0–65535, got {text!r}")
+    return value
+
+
 def _mode(text: str) -> int:
     try:
         value = int(text, 8)
@@ -134,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--port",
-        type=_non_negative,
+        type=_port,
         default=8080,
         help="TCP port (default %(default)s; 0 picks a free one)",
     )

@@ -32,6 +32,7 @@ from flup.server.fcgi_fork import WSGIServer
 
 from iipserver import prefork
 from iipserver.app import make_app
+from iipserver.errors import ConfigError
 from iipserver.logs import banner, log_settings
 from iipserver.settings import Settings
 
@@ -266,12 +267,19 @@ def run(settings: Settings, options: Options) -> int:
     """Bind, print the banner, fork the workers and supervise them until SIGTERM/SIGINT.
 
     Raises:
-        OSError: the socket cannot be bound (or descriptor 0 is not a listening socket).
-        ConfigError: the application rejects the settings.
+        OSError: the socket cannot be bound.
+        ConfigError: no --bind and no inherited listening socket, or the application rejects
+            the settings.
     """
     make_app(settings)  # fail here, once, rather than in every worker
     if options.bind is None:
-        listener = inherited_listener()
+        try:
+            listener = inherited_listener()
+        except OSError:
+            raise ConfigError(
+                "no --bind HOST:PORT or --bind unix:PATH given, and descriptor 0 is not a "
+                "listening socket passed by a FastCGI process manager"
+            ) from None
         where = f"fd 0 ({prefork.format_address(listener.address)})"
     else:
         listener = prefork.listen(options.bind, options.backlog, options.socket_mode)

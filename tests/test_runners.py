@@ -84,6 +84,7 @@ class Server:
         self.proc: subprocess.Popen[bytes] | None = None
         self.banner = ""
         self.address = ""
+        self.stdin: int = subprocess.DEVNULL
 
     @property
     def pid(self) -> int:
@@ -100,7 +101,7 @@ class Server:
         with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "iipserver", *self.args],
-                stdin=subprocess.DEVNULL,
+                stdin=self.stdin,
                 stdout=out,
                 stderr=err,
                 env=self.env,
@@ -491,6 +492,38 @@ def test_fcgi_max_requests_replaces_the_worker(
     _wait_for(lambda: _children(server.pid) - {first}, 5, "the retired worker's replacement")
     with _connect(server.address) as sock:
         assert b"Max-size" in fcgi_get(sock, f"FIF={demo.STARS}&obj=Max-size")
+
+
+def test_fcgi_inherited_socket(spawn: Callable[..., Server], demo_dir: Path) -> None:
+    """As spawn-fcgi or mod_fcgid start it: no --bind, the listening socket on descriptor 0."""
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        port = listening.getsockname()[1]
+        server = spawn(["fcgi", "--workers", "1"], _base_env(FILESYSTEM_PREFIX=f"{demo_dir}/"))
+        server.stdin = listening.fileno()
+        server.start(workers=1)
+    assert f"fastcgi://fd 0 (127.0.0.1:{port})," in server.banner
+    with _connect(f"127.0.0.1:{port}") as sock:
+        assert b"Max-size:2048 2048" in fcgi_get(sock, f"FIF={demo.STARS}&obj=Max-size")
+    server.signal(signal.SIGTERM)
+    assert server.wait() == 0
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["fcgi"], "descriptor 0 is not a listening socket"),
+        (["fcgi", "--bind", "localhost"], "expected HOST:PORT or unix:PATH"),
+        (["serve", "--port", "70000"], "expected a TCP port"),
+        (["fcgi", "--workers", "0"], "expected a positive integer"),
+    ],
+)
+def test_usage_errors_exit_2(spawn: Callable[..., Server], args: list[str], message: str) -> None:
+    server = spawn(args)
+    assert server.launch().wait(STOP_TIMEOUT) == 2
+    assert message in server.stderr()
+    assert "Traceback" not in server.stderr()
 
 
 def test_no_command_means_fcgi(spawn: Callable[..., Server]) -> None:
