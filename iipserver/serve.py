@@ -236,9 +236,10 @@ class KeepAliveHandler(WSGIRequestHandler):
         return f"iipserver/{__version__}"
 
     def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
-        """Access log line at INFO (VERBOSITY ≥ 2)."""
-        if access_logger.isEnabledFor(logging.INFO):
-            access_logger.info('%s "%s" %s', self.address_string(), self.requestline, code)
+        """Access log line at DEBUG (VERBOSITY ≥ 3; the IIP application logs its own requests
+        at INFO)."""
+        if access_logger.isEnabledFor(logging.DEBUG):
+            access_logger.debug('%s "%s" %s', self.address_string(), self.requestline, code)
 
     def log_error(self, format: str, *args: Any) -> None:
         """Protocol errors (bad request line, timeouts) at INFO: the client's fault."""

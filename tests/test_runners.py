@@ -18,6 +18,7 @@ import stat
 import struct
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -526,6 +527,34 @@ def test_usage_errors_exit_2(spawn: Callable[..., Server], args: list[str], mess
     assert "Traceback" not in server.stderr()
 
 
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["serve", "--port", "0", "--workers", "2"],
+        ["fcgi", "--bind", "127.0.0.1:0", "--workers", "2"],
+    ],
+)
+def test_workers_exit_when_the_parent_dies(
+    spawn: Callable[..., Server], demo_dir: Path, args: list[str]
+) -> None:
+    server = spawn([*args, str(demo_dir)] if args[0] == "serve" else args).start(workers=2)
+    workers = _children(server.pid)
+    os.kill(server.pid, signal.SIGKILL)
+    server.wait()
+    for pid in workers:
+        _wait_for(
+            lambda pid=pid: not os.path.exists(f"/proc/{pid}/stat") or _zombie(pid), 5, "orphans"
+        )
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] == b"Z"
+    except OSError:
+        return True
+
+
 def test_no_command_means_fcgi(spawn: Callable[..., Server]) -> None:
     server = spawn(["--bind", "127.0.0.1:0", "--workers", "1"]).start(workers=1)
     assert "FastCGI server on fastcgi://127.0.0.1:" in server.banner
@@ -629,3 +658,100 @@ def test_fits_header_cards_are_80_columns() -> None:
     ]  # fmt: skip
     assert all(card[8:10] == "= " for card in cards[:-1])
     assert cards[3][10:30].strip() == "100" and cards[9][10:30].strip() == "10.0"
+
+
+def _failing_app(environ: dict[str, object], start_response: Callable[..., object]) -> list[bytes]:
+    if "boom" in str(environ.get("QUERY_STRING")):
+        raise RuntimeError("secret detail")
+    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "2")])
+    return [b"ok"]
+
+
+def test_fcgi_worker_survives_an_application_error() -> None:
+    from iipserver.fcgi import FastCGIWorker
+
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        address = f"127.0.0.1:{listening.getsockname()[1]}"
+        worker = FastCGIWorker(_failing_app, listening, bind_address=None)
+        lifeline_r, lifeline_w = os.pipe()
+        wake_r, wake_w = os.pipe()
+        result: list[int] = []
+        thread = threading.Thread(target=lambda: result.append(worker.serve(lifeline_r, wake_r)))
+        thread.start()
+        try:
+            with _connect(address) as sock:
+                out = fcgi_get(sock, "boom")
+            assert out.startswith(b"Status: 500 Internal Server Error\r\n")
+            assert b"secret" not in out and b"Traceback" not in out
+            with _connect(address) as sock:
+                assert fcgi_get(sock, "fine").endswith(b"\r\n\r\nok")
+        finally:
+            os.close(lifeline_w)  # end of file on the lifeline: the worker returns
+            thread.join(5)
+            for fd in (lifeline_r, wake_r, wake_w):
+                os.close(fd)
+    assert result == [0]
+
+
+@pytest.fixture
+def http_worker() -> Iterator[tuple[str, int]]:
+    """A KeepAliveHandler server in a thread, over apps exercising the response framing."""
+    from iipserver.serve import KeepAliveHandler, WorkerServer
+
+    def streaming(environ: dict[str, object], start_response: Callable[..., object]) -> object:
+        start_response("200 OK", [("Content-Type", "text/plain")])  # no Content-Length
+        return iter([b"abc", b"", b"defg"])
+
+    def app(environ: dict[str, object], start_response: Callable[..., object]) -> object:
+        if environ["PATH_INFO"] == "/stream":
+            return streaming(environ, start_response)
+        return _failing_app(environ, start_response)
+
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        port = listening.getsockname()[1]
+        server = WorkerServer("127.0.0.1", port, app, KeepAliveHandler, fd=listening.fileno())
+        thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
+        thread.start()
+        try:
+            yield "127.0.0.1", port
+        finally:
+            server.shutdown()
+            thread.join(5)
+
+
+def test_http_worker_chunked_keep_alive_and_head(http_worker: tuple[str, int]) -> None:
+    conn = http.client.HTTPConnection(*http_worker, timeout=5)
+    try:
+        conn.request("GET", "/stream")
+        response = conn.getresponse()
+        assert response.getheader("Transfer-Encoding") == "chunked"
+        assert response.read() == b"abcdefg"
+        sock = conn.sock
+        conn.request("HEAD", "/plain")
+        response = conn.getresponse()
+        assert response.status == 200 and response.getheader("Content-Length") == "2"
+        assert response.read() == b""
+        conn.request("GET", "/plain")
+        assert conn.getresponse().read() == b"ok"
+        assert conn.sock is sock  # all three on one connection
+    finally:
+        conn.close()
+
+
+def test_http_worker_survives_an_application_error(http_worker: tuple[str, int]) -> None:
+    conn = http.client.HTTPConnection(*http_worker, timeout=5)
+    try:
+        conn.request("GET", "/x?boom")
+        response = conn.getresponse()
+        body = response.read()
+        assert response.status == 500
+        assert response.getheader("Connection") == "close"
+        assert b"secret" not in body and b"Traceback" not in body
+        conn.request("GET", "/x?fine")  # http.client reconnects
+        assert conn.getresponse().read() == b"ok"
+    finally:
+        conn.close()
