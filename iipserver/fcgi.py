@@ -77,13 +77,14 @@ class _Connection(Connection):
         super().__init__(sock, addr, server, None)
         self.worker = server
         self.linger = True  # wait for the peer to close after our last response
+        self.started = False  # a fresh connection is never idle: its request may still be coming
 
     def process_input(self) -> None:
         """Wait for the next record, or end an idle connection; then let flup read it."""
         since = time.monotonic()
         worker = self.worker
         while self._keepGoing:
-            idle = not self._requests
+            idle = self.started and not self._requests
             watch = [self._sock, worker.wake]
             if idle:
                 watch.append(worker.listen_sock)
@@ -105,6 +106,7 @@ class _Connection(Connection):
                 self.linger = False
                 raise EOFError  # a request that never completes
         if self._keepGoing:
+            self.started = True
             super().process_input()
 
     def _cleanupSocket(self) -> None:  # noqa: N802 - flup's name
