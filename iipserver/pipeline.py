@@ -1,52 +1,88 @@
-"""Tile production: tile cache → source → transforms (iipsrv's order) → encoder."""
+"""Tile and region production: tile cache → source → transforms (iipsrv's order) → encoder."""
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
+from collections import OrderedDict
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from iipserver import transforms
 from iipserver.cache import ByteLRU
 from iipserver.encoders import Encoded, encode
+from iipserver.errors import BadRequest
 from iipserver.sources.base import SourceInfo
 from iipserver.sources.pool import OpenedImage
 from iipserver.view import Rendering
+from iipserver.viewport import Plan
 
 log = logging.getLogger(__name__)
 
+#: Largest region output (bytes of 8-bit pixels) one request may build.
+REGION_BUDGET = 256 * 1024 * 1024
 
-def render(tile: np.ndarray, info: SourceInfo, rendering: Rendering) -> np.ndarray:
-    """Turn a raw tile into 8-bit output pixels (spec §9.3 steps 3–10)."""
-    if rendering.needs_float(info):
-        data = transforms.normalise(tile, rendering.mins, rendering.maxs)
-        if rendering.shade is not None:
-            data = transforms.shade(data, *rendering.shade)
-        if rendering.twist is not None:
-            data = transforms.twist(data, rendering.twist)
-        if rendering.log_gamma:
-            data = transforms.log_gamma(data)
-        else:
-            data = transforms.gamma(data, rendering.gamma)
-        if rendering.invert:
-            data = transforms.invert(data)
-        if rendering.colormap is not None:
-            data = transforms.colormap(data, rendering.colormap)
-        out = transforms.quantise(data, rendering.contrast)
+#: Images whose histogram (for CNT=eq|st and COL=binary) is remembered.
+HISTOGRAMS_KEPT = 1000
+
+
+@dataclass(frozen=True)
+class Histogram:
+    """An image's 256-bin histogram (tile 0 of the smallest level) and its Otsu threshold."""
+
+    counts: np.ndarray
+    threshold: int
+
+
+def develop(tile: np.ndarray, info: SourceInfo, rendering: Rendering) -> np.ndarray:
+    """Raw pixels to 8-bit: CIELAB conversion, then the float pipeline when it applies.
+
+    Order (spec §10): normalise → SHD → CTW → GAM/log → INV → CMP → contrast and quantise.
+    """
+    if info.colorspace == "CIELAB" and tile.dtype == np.uint8:
+        tile = transforms.lab_to_srgb(tile)
+    if not rendering.needs_float(info):
+        return tile
+    data = transforms.normalise(tile, rendering.mins, rendering.maxs)
+    if rendering.shade is not None:
+        data = transforms.shade(data, *rendering.shade)
+    if rendering.twist is not None:
+        data = transforms.twist(data, rendering.twist)
+    if rendering.log_gamma:
+        data = transforms.log_gamma(data)
     else:
-        out = tile
-    out = transforms.flatten(out)
-    if rendering.colour in ("grey", "gray") and out.shape[2] == 3:
+        data = transforms.gamma(data, rendering.gamma)
+    if rendering.invert:
+        data = transforms.invert(data)
+    if rendering.colormap is not None:
+        data = transforms.colormap(data, rendering.colormap)
+    return transforms.quantise(data, rendering.contrast)
+
+
+def finish(
+    pixels: np.ndarray, info: SourceInfo, rendering: Rendering, hist: Histogram | None
+) -> np.ndarray:
+    """8-bit pixels to output pixels: flatten → grey → binary → equalise → flip → rotate."""
+    out = transforms.flatten(pixels)
+    if rendering.colour in ("grey", "gray") and out.shape[2] == 3 and info.colorspace != "CIELAB":
         out = transforms.greyscale(out)
+    if rendering.colour == "binary" and hist is not None and info.colorspace != "BINARY":
+        out = transforms.binarise(out, hist.threshold)
+    if rendering.equalise and hist is not None:
+        out = transforms.equalise(out, hist.counts)
     return transforms.orient(out, rendering.rotation, rendering.flip)
 
 
 class Pipeline:
-    """Produces encoded tiles, keeping decoded raw tiles in a byte-bounded LRU."""
+    """Produces encoded tiles and regions, keeping decoded raw tiles in a byte-bounded LRU."""
 
-    def __init__(self, cache_bytes: int) -> None:
+    def __init__(self, cache_bytes: int, interpolation: int = 1) -> None:
         self.raw_tiles: ByteLRU[np.ndarray] = ByteLRU(cache_bytes)
+        self.interpolation = interpolation
+        self._histograms: OrderedDict[tuple[str, int, int], Histogram] = OrderedDict()
+        self._lock = threading.Lock()
 
     def raw_tile(self, image: OpenedImage, resolution: int, index: int) -> np.ndarray:
         """Return a decoded tile from the cache or the source."""
@@ -57,6 +93,61 @@ class Pipeline:
             self.raw_tiles.put(key, tile)
         return tile
 
+    def raw_region(
+        self, image: OpenedImage, resolution: int, x: int, y: int, width: int, height: int
+    ) -> np.ndarray:
+        """Return a rectangle of one level composited from (cached) tiles of that level."""
+        info = image.source.info
+        level = info.levels[resolution]
+        tw, th = level.tile_width, level.tile_height
+        x1, y1 = min(level.width, x + width), min(level.height, y + height)
+        out = np.empty((y1 - y, x1 - x, info.channels), dtype=info.dtype)
+        for ty in range(y // th, (y1 - 1) // th + 1):
+            for tx in range(x // tw, (x1 - 1) // tw + 1):
+                tile = self.raw_tile(image, resolution, ty * level.tiles_across + tx)
+                bx, by = tx * tw, ty * th
+                sx0, sy0 = max(x, bx), max(y, by)
+                sx1, sy1 = min(x1, bx + tile.shape[1]), min(y1, by + tile.shape[0])
+                out[sy0 - y : sy1 - y, sx0 - x : sx1 - x] = tile[
+                    sy0 - by : sy1 - by, sx0 - bx : sx1 - bx
+                ]
+        return out
+
+    def histogram(self, image: OpenedImage) -> Histogram:
+        """The image's histogram: tile 0 of the smallest level, >8-bit data quantised first."""
+        key = (image.path, image.stamp.mtime_ns, image.stamp.size)
+        with self._lock:
+            found = self._histograms.get(key)
+        if found is not None:
+            return found
+        info = image.source.info
+        tile = self.raw_tile(image, 0, 0)
+        if info.colorspace == "CIELAB" and tile.dtype == np.uint8:
+            tile = transforms.lab_to_srgb(tile)
+        elif tile.dtype != np.uint8:
+            tile = transforms.quantise(transforms.normalise(tile, info.min_values, info.max_values))
+        counts = transforms.histogram(tile)
+        made = Histogram(counts, transforms.otsu(counts))
+        with self._lock:
+            self._histograms[key] = made
+            while len(self._histograms) > HISTOGRAMS_KEPT:
+                self._histograms.popitem(last=False)
+        return made
+
+    def _prepare(
+        self, image: OpenedImage, rendering: Rendering
+    ) -> tuple[Rendering, Histogram | None]:
+        needs = rendering.equalise or rendering.stretch or rendering.colour == "binary"
+        hist = self.histogram(image) if needs else None
+        if rendering.stretch and hist is not None:
+            info = image.source.info
+            lo, hi = transforms.stretch_range(
+                hist.counts, info.bits_per_sample, info.sample_format != "float"
+            )
+            channels = info.channels
+            rendering = replace(rendering, mins=(lo,) * channels, maxs=(hi,) * channels)
+        return rendering, hist
+
     def tile(
         self, image: OpenedImage, resolution: int, index: int, rendering: Rendering
     ) -> Encoded:
@@ -64,7 +155,9 @@ class Pipeline:
         started = time.perf_counter()
         raw = self.raw_tile(image, resolution, index)
         read = time.perf_counter()
-        pixels = render(raw, image.source.info, rendering)
+        info = image.source.info
+        rendering, hist = self._prepare(image, rendering)
+        pixels = finish(develop(raw, info, rendering), info, rendering, hist)
         processed = time.perf_counter()
         encoded = encode(pixels, rendering.fmt, rendering.quality)
         if log.isEnabledFor(logging.DEBUG):
@@ -79,6 +172,24 @@ class Pipeline:
             )
         return encoded
 
+    def region(self, image: OpenedImage, plan: Plan, rendering: Rendering) -> Encoded:
+        """Return a CVT region: the plan's level rectangle, resized to its output size."""
+        if plan.out_width * plan.out_height * 3 > REGION_BUDGET:
+            raise BadRequest("CVT: requested output size is too large")
+        info = image.source.info
+        raw = self.raw_region(image, plan.resolution, plan.x, plan.y, plan.width, plan.height)
+        rendering, hist = self._prepare(image, rendering)
+        pixels = develop(raw, info, rendering)
+        if (pixels.shape[1], pixels.shape[0]) != (plan.out_width, plan.out_height):
+            if self.interpolation == 0:
+                pixels = transforms.resize_nearest(pixels, plan.out_width, plan.out_height)
+            else:
+                pixels = transforms.resize_bilinear(pixels, plan.out_width, plan.out_height)
+        pixels = finish(pixels, info, rendering, hist)
+        return encode(pixels, rendering.fmt, rendering.quality)
+
     def clear(self) -> None:
-        """Empty the tile cache."""
+        """Empty the tile cache and the histograms."""
         self.raw_tiles.clear()
+        with self._lock:
+            self._histograms.clear()

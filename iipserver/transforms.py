@@ -184,3 +184,150 @@ def orient(tile: np.ndarray, angle: float, flip: int) -> np.ndarray:
     if turns:
         tile = np.rot90(tile, k=-turns, axes=(0, 1))
     return tile
+
+
+# --- resampling (8-bit data, iipsrv 1.1's formulas) --------------------------------------------
+
+#: Output rows resampled per block, to bound the index arrays' memory.
+_RESAMPLE_ROWS = 256
+
+
+def resize_nearest(tile: np.ndarray, width: int, height: int) -> np.ndarray:
+    """Nearest neighbour: source index ``floor(i · (w/W'))`` with float32 scales."""
+    h, w = tile.shape[:2]
+    xs, ys = _F32(w) / _F32(width), _F32(h) / _F32(height)
+    cols = np.floor(np.arange(width, dtype=_F32) * xs).astype(np.intp)
+    rows = np.floor(np.arange(height, dtype=_F32) * ys).astype(np.intp)
+    return tile[np.minimum(rows, h - 1)][:, np.minimum(cols, w - 1)]
+
+
+def resize_bilinear(tile: np.ndarray, width: int, height: int) -> np.ndarray:
+    """Bilinear interpolation as iipsrv 1.1 computes it, in float32, truncated to bytes.
+
+    The right-hand neighbour of the last column is the first pixel of the next row, as in 1.1;
+    indices past the last pixel are clamped to it (1.1 reads one pixel beyond its buffer there).
+    """
+    h, w, c = tile.shape
+    flat = tile.reshape(-1, c)
+    last = h * w - 1
+    xs, ys = _F32(w) / _F32(width), _F32(h) / _F32(height)
+    i_scaled = np.arange(width, dtype=_F32) * xs
+    ii = np.floor(i_scaled).astype(np.intp)
+    a = ((ii + 1).astype(_F32) - i_scaled)[None, :, None]
+    b = (i_scaled - ii.astype(_F32))[None, :, None]
+    out = np.empty((height, width, c), dtype=np.uint8)
+    for start in range(0, height, _RESAMPLE_ROWS):
+        j_scaled = np.arange(start, min(height, start + _RESAMPLE_ROWS), dtype=_F32) * ys
+        jj = np.floor(j_scaled).astype(np.intp)
+        cw = ((jj + 1).astype(_F32) - j_scaled)[:, None, None]
+        dw = (j_scaled - jj.astype(_F32))[:, None, None]
+        p11 = jj[:, None] * w + ii[None, :]
+        p21 = np.minimum(p11 + 1, last)
+        p12 = np.minimum(p11 + w, last)
+        p22 = np.minimum(p11 + w + 1, last)
+        tx = flat[p11].astype(_F32) * a + flat[p21].astype(_F32) * b
+        ty = flat[p12].astype(_F32) * a + flat[p22].astype(_F32) * b
+        block = cw * tx + dw * ty
+        out[start : start + len(jj)] = np.clip(block, 0, 255).astype(np.uint8)
+    return out
+
+
+# --- histogram-based operations (spec §10; docs/iipsrv-1.1-notes.md §3–4) ---------------------
+
+
+def histogram(tile: np.ndarray) -> np.ndarray:
+    """256-bin histogram of the per-pixel channel average of an 8-bit tile (C ``round``)."""
+    total = tile.astype(_F32).sum(axis=2, dtype=_F32)
+    bins = np.floor(total / _F32(tile.shape[2]) + _F32(0.5)).astype(np.intp)
+    return np.bincount(np.clip(bins, 0, 255).ravel(), minlength=256)[:256]
+
+
+def equalise(tile: np.ndarray, hist: np.ndarray) -> np.ndarray:
+    """Histogram equalisation of every byte through iipsrv's LUT built from ``hist``."""
+    nonzero = np.flatnonzero(hist)
+    if nonzero.size == 0:
+        return tile
+    cdf = np.cumsum(hist.astype(_F32), dtype=_F32)
+    scale = _F32(255) / cdf[255]
+    cdfmin = cdf[nonzero[0]] / _F32(tile.shape[0] * tile.shape[1])
+    lut = np.floor(np.abs(scale * (cdf - cdfmin)) + _F32(0.5)) * np.sign(scale * (cdf - cdfmin))
+    return np.clip(lut, 0, 255).astype(np.uint8)[tile]
+
+
+def stretch_range(hist: np.ndarray, bits: int, integer: bool) -> tuple[float, float]:
+    """Contrast-stretch bounds: first and last non-empty bins (shifted for >8-bit integers)."""
+    nonzero = np.flatnonzero(hist)
+    if nonzero.size == 0:
+        return 0.0, 255.0
+    lo, hi = int(nonzero[0]), int(nonzero[-1])
+    if bits > 8 and integer:
+        lo, hi = lo << (bits - 8), hi << (bits - 8)
+    return float(lo), float(hi)
+
+
+def otsu(hist: np.ndarray) -> int:
+    """Otsu threshold over ``hist`` (float32 sums; ties keep the lowest bin)."""
+    counts = hist.astype(_F32)
+    total = _F32(counts.sum(dtype=np.float64))
+    levels = np.arange(256, dtype=_F32)
+    weighted_total = _F32(0)
+    for n in range(256):
+        weighted_total = _F32(weighted_total + levels[n] * counts[n])
+    wb = _F32(0)
+    sumb = _F32(0)
+    best, threshold = _F32(0), 0
+    for n in range(256):
+        wb = _F32(wb + counts[n])
+        if wb == 0:
+            continue
+        wf = _F32(total - wb)
+        if wf == 0:
+            break
+        sumb = _F32(sumb + levels[n] * counts[n])
+        mb, mf = _F32(sumb / wb), _F32((weighted_total - sumb) / wf)
+        diff = _F32(_F32(_F32(wb * wf) * _F32(mb - mf)) * _F32(mb - mf))
+        if diff > best:
+            best, threshold = diff, n
+    return threshold
+
+
+def binarise(tile: np.ndarray, threshold: int) -> np.ndarray:
+    """Grey (if RGB) then ``< threshold → 0, else 255``; one channel out."""
+    grey = greyscale(tile) if tile.shape[2] == 3 else tile[:, :, :1]
+    return np.where(grey < threshold, np.uint8(0), np.uint8(255))
+
+
+# --- colour -------------------------------------------------------------------------------------
+
+_D65 = (95.047, 100.0, 108.8827)
+_LAB_TO_SRGB = np.array(
+    [
+        [3.240479, -1.537150, -0.498535],
+        [-0.969256, 1.875992, 0.041556],
+        [0.055648, -0.204043, 1.057311],
+    ],
+    dtype=np.float32,
+)
+
+
+def lab_to_srgb(tile: np.ndarray) -> np.ndarray:
+    """8-bit CIELAB (L scaled 0–255, a/b signed bytes) to 8-bit sRGB, D65, as iipsrv 1.1."""
+    lab = tile[:, :, :3]
+    big_l = (lab[:, :, 0].astype(np.float64) / 2.55).astype(_F32).astype(np.float64)
+    a = lab[:, :, 1].view(np.int8).astype(np.float64)
+    b = lab[:, :, 2].view(np.int8).astype(np.float64)
+    dark = big_l < 8.0
+    y = np.where(dark, big_l * _D65[1] / 903.3, 0.0)
+    cby = np.where(dark, 7.787 * (y.astype(_F32) / _D65[1]) + 16.0 / 116.0, (big_l + 16.0) / 116.0)
+    y = np.where(dark, y, _D65[1] * cby**3).astype(_F32).astype(np.float64)
+
+    def axis(t: np.ndarray, white: float) -> np.ndarray:
+        return np.where(t < 0.2069, white * (t - 0.13793) / 7.787, white * t**3).astype(_F32)
+
+    x = axis(a / 500.0 + cby, _D65[0]).astype(np.float64) / 100.0
+    z = axis(cby - b / 200.0, _D65[2]).astype(np.float64) / 100.0
+    y = y / 100.0
+    xyz = np.stack([x, y, z], axis=-1).astype(_F32).astype(np.float64)
+    rgb = np.maximum(xyz @ _LAB_TO_SRGB.astype(np.float64).T, 0.0)
+    rgb = np.where(rgb <= 0.0031308, rgb * 12.92, 1.055 * np.power(rgb, 1.0 / 2.4) - 0.055)
+    return np.minimum(rgb * 255.0, 255.0).astype(np.uint8)

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from iipserver.encoders import OutputFormat
 from iipserver.sources.base import SourceInfo
 from iipserver.sources.pool import OpenedImage
+from iipserver.viewport import Region
 
 #: Colour-map names that change pixels (any other CMP name means "no colour map").
 COLORMAPS = frozenset({"hot", "cold", "jet", "red", "green", "blue"})
@@ -21,7 +22,8 @@ class Rendering:
     fmt: OutputFormat = OutputFormat.JPEG
     quality: int = 75
     contrast: float = 1.0
-    contrast_mode: str | None = None
+    equalise: bool = False
+    stretch: bool = False
     gamma: float = 1.0
     log_gamma: bool = False
     invert: bool = False
@@ -39,6 +41,7 @@ class Rendering:
             or info.bits_per_sample > 8
             or info.dtype != "uint8"
             or self.contrast != 1.0
+            or self.stretch
             or self.gamma != 1.0
             or self.log_gamma
             or self.invert
@@ -46,6 +49,20 @@ class Rendering:
             or self.twist is not None
             or self.shade is not None
         )
+
+
+@dataclass(frozen=True)
+class ImageSequence:
+    """An image sequence: files ``<stem><x:03d>_<y:03d>.<extension>`` and their angles."""
+
+    stem: str
+    extension: str
+    horizontal: tuple[int, ...]
+    vertical: tuple[int, ...]
+
+    def path(self, x: int, y: int) -> str:
+        """File of view (x, y)."""
+        return f"{self.stem}{x:03d}_{y:03d}.{self.extension}"
 
 
 @dataclass
@@ -56,7 +73,8 @@ class View:
     requested_path: str = ""
     quality: int | None = None
     contrast: float = 1.0
-    contrast_mode: str | None = None
+    equalise: bool = False
+    stretch: bool = False
     gamma: float = 1.0
     log_gamma: bool = False
     invert: bool = False
@@ -67,7 +85,10 @@ class View:
     twist: tuple[tuple[float, ...], ...] | None = None
     shade: tuple[int, int] | None = None
     minmax: dict[int | None, tuple[float, float]] = field(default_factory=dict)
-    sequence: tuple[int, int] = (0, 90)
+    requested: tuple[int, int] = (0, 0)
+    region: Region = field(default_factory=Region)
+    sequence: ImageSequence | None = None
+    angles: tuple[int, int] = (0, 90)
 
     def set_minmax(self, channel: int | None, lo: float, hi: float) -> None:
         """Override the range of ``channel`` (0-based) or, with None, of every channel."""
@@ -95,7 +116,8 @@ class View:
             fmt=fmt,
             quality=default_quality if self.quality is None else self.quality,
             contrast=self.contrast,
-            contrast_mode=self.contrast_mode,
+            equalise=self.equalise,
+            stretch=self.stretch,
             gamma=self.gamma,
             log_gamma=self.log_gamma,
             invert=self.invert,

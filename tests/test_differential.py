@@ -508,17 +508,30 @@ CVT_QUERIES = [
     _p("FIF=rgb.tif&HEI=100&CVT=jpeg", "case17-hei100"),
     _p("FIF=rgb.tif&RGN=0,0,0.5,0.25&WID=200&CVT=jpeg", "case17-rgn-wid"),
     _p("FIF=rgb_raw.tif&WID=250&CVT=jpeg", "wid250-level"),
-    _p("FIF=grey.tif&WID=333&CVT=png", "cvt-png-is-jpeg"),
     _p("FIF=rgb.tif&CVT=jpeg&WID=100", "case18-wid-after-cvt"),
 ]
 
 
-@pytest.mark.xfail(reason="CVT is the science-pipeline issue's work (issue 3)", strict=False)
 @pytest.mark.parametrize("query", CVT_QUERIES)
 def test_cvt(reference: ServerProcess, ours: ServerProcess, images: ImageSet, query: str) -> None:
     ref, mine = _both(reference, ours, query)
     assert _is_jpeg(ref), _show(ref)
     assert_equivalent(query, ref, mine, prefix=f"{images.root}/")
+
+
+def test_cvt_png_is_png_with_the_same_pixels(reference: ServerProcess, ours: ServerProcess) -> None:
+    """1.1 answers any CVT value with JPEG; policy §1 supports mainline's CVT=png."""
+    import imagecodecs
+
+    query = "FIF=grey.tif&WID=333&CVT=png"
+    ref, mine = _both(reference, ours, query)
+    assert _is_jpeg(ref), _show(ref)
+    assert mine.header("Content-Type") == "image/png", _show(mine)
+    assert mine.header("Content-Disposition") == 'inline;filename="grey.png"'
+    theirs = decode(ref.body).astype(int)
+    png = imagecodecs.png_decode(mine.body).astype(int)
+    png = png.reshape(theirs.shape)
+    assert np.abs(theirs - png).max() <= 4
 
 
 # ----------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ the order iipsrv would meet them.
 from __future__ import annotations
 
 import re
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -129,6 +130,61 @@ class Tile(Command):
     index: int
     fmt: OutputFormat = OutputFormat.JPEG
     angles: tuple[int, int] | None = None
+
+
+@dataclass(frozen=True)
+class Size(Command):
+    """WID or HEI: requested CVT output width or height (unsigned, 0 = unset)."""
+
+    axis: str
+    value: int
+
+
+@dataclass(frozen=True)
+class RegionCommand(Command):
+    """RGN: CVT viewport as fractions x, y, w, h (float32 values)."""
+
+    x: float
+    y: float
+    width: float
+    height: float
+
+
+@dataclass(frozen=True)
+class Convert(Command):
+    """CVT: export the current view as one image."""
+
+    fmt: OutputFormat
+
+
+@dataclass(frozen=True)
+class Profile(Command):
+    """PFL: raw values along a row, a column or at a point of one resolution."""
+
+    resolution: int
+    x1: int
+    y1: int
+    x2: int
+    y2: int
+
+
+@dataclass(frozen=True)
+class Spectra(Command):
+    """SPECTRA: the value at one pixel of one tile for every horizontal view."""
+
+    resolution: int
+    tile: int
+    x: int
+    y: int
+
+
+@dataclass(frozen=True)
+class Tiles(Command):
+    """TIL: a rectangle of tiles of one resolution, as binary records."""
+
+    resolution: int
+    start: int
+    end: int
 
 
 @dataclass(frozen=True)
@@ -274,6 +330,67 @@ def _tile(fmt: OutputFormat) -> Callable[[str], Command]:
     return parse
 
 
+def _size(axis: str) -> Callable[[str], Command]:
+    def parse(arg: str) -> Command:
+        return Size(axis, atoi(arg) % (1 << 32))  # iipsrv stores an unsigned int
+
+    return parse
+
+
+def _rgn(arg: str) -> Command:
+    values = [_f32(atof(v)) for v in arg.split(",") if v != ""][:4]
+    if len(values) < 4:
+        return Ignored("rgn")  # iipsrv applies a region only when all four values are given
+    return RegionCommand(*values)
+
+
+def _f32(value: float) -> float:
+    try:
+        return float(struct.unpack("f", struct.pack("f", value))[0])
+    except OverflowError:
+        return value
+
+
+def _cvt(arg: str) -> Command:
+    fmt = {"png": OutputFormat.PNG, "webp": OutputFormat.WEBP}.get(arg.lower(), OutputFormat.JPEG)
+    return Convert(fmt)
+
+
+def _pfl(arg: str) -> Command:
+    head, sep, rest = arg.partition(":")
+    resolution = atoi(head)
+    if not sep:
+        rest = arg
+    start, dash, end = rest.partition("-")
+    x1_text, _, y1_text = start.partition(",")
+    x1, y1 = atoi(x1_text), atoi(y1_text)
+    if dash:
+        x2_text, _, y2_text = end.partition(",")
+        x2, y2 = atoi(x2_text), atoi(y2_text)
+    else:
+        x2, y2 = x1, y1
+    return Profile(resolution, x1, y1, x2, y2)
+
+
+def _spectra(arg: str) -> Command:
+    parts = arg.split(",")
+    if len(parts) < 4:
+        raise _Malformed(arg)
+    resolution, tile, x, y = (atoi(p) for p in parts[:4])
+    return Spectra(resolution, tile, x, y)
+
+
+def _til(arg: str) -> Command:
+    head, sep, rest = arg.partition(",")
+    resolution = atoi(head)
+    if not sep:
+        rest = head
+    start_text, dash, end_text = rest.partition("-")
+    start = atoi(start_text)
+    end = atoi(end_text) if dash else start
+    return Tiles(resolution, start, max(start, end))
+
+
 def _jtls(arg: str) -> Command:
     parts = arg.split(",")
     if len(parts) < 4:
@@ -303,28 +420,19 @@ PARSERS: dict[str, Callable[[str], Command]] = {
     "ptl": _tile(OutputFormat.PNG),
     "wtl": _tile(OutputFormat.WEBP),
     "jtls": _jtls,
+    "wid": _size("width"),
+    "hei": _size("height"),
+    "rgn": _rgn,
+    "cvt": _cvt,
+    "pfl": _pfl,
+    "spectra": _spectra,
+    "til": _til,
     "lyr": lambda arg: Ignored("lyr"),
     "icc": lambda arg: Ignored("icc"),
 }
 
 #: iipsrv commands parsed by later work; answered with a clear "not supported" error for now.
-PENDING = (
-    "wid",
-    "hei",
-    "rgn",
-    "cvt",
-    "til",
-    "shd",
-    "ctw",
-    "spectra",
-    "pfl",
-    "iiif",
-    "deepzoom",
-    "zoomify",
-    "cnv",
-    "atl",
-    "ttl",
-)
+PENDING = ("iiif", "deepzoom", "zoomify", "cnv", "atl", "ttl")
 
 
 def parse_token(token: Token) -> Command:

@@ -88,6 +88,50 @@ def image_response(
     return Response(200, headers, data)
 
 
+def _safe_filename(name: str) -> str:
+    """A file name safe inside a quoted header value (no quotes, controls or non-ASCII)."""
+    return "".join(c if 32 <= ord(c) < 127 and c not in '"\\;' else "_" for c in name) or "image"
+
+
+def attachment_name(requested_path: str, extension: str) -> str:
+    """``<stem>.<ext>``: the image path after its last ``/``, up to its last ``.`` (spec §5.3)."""
+    base = requested_path.rsplit("/", 1)[-1]
+    stem = base.rsplit(".", 1)[0] if "." in base else base
+    return _safe_filename(f"{stem}.{extension}")
+
+
+def region_response(
+    settings: Settings, data: bytes, media_type: str, last_modified: float, filename: str
+) -> Response:
+    """CVT reply (spec §5.3 CVT row), with Content-Length and CORS when set."""
+    headers = [
+        ("Server", SERVER),
+        ("X-Powered-By", "IIPImage"),
+        ("Cache-Control", settings.cache_control),
+        ("Last-Modified", http_date(last_modified)),
+        ("Content-Type", media_type),
+        ("Content-Disposition", f'inline;filename="{filename}"'),
+        ("Content-Length", str(len(data))),
+    ]
+    headers += cors_headers(settings)
+    return Response(200, headers, data)
+
+
+def data_response(
+    settings: Settings, body: bytes, media_type: str, last_modified: float
+) -> Response:
+    """PFL (JSON), SPECTRA (XML) and TIL (netfpx) replies: Server, type, Last-Modified, CC."""
+    headers = [
+        ("Server", SERVER),
+        ("Content-Type", media_type),
+        ("Last-Modified", http_date(last_modified)),
+        ("Cache-Control", settings.cache_control),
+        ("Content-Length", str(len(body))),
+    ]
+    headers += cors_headers(settings)
+    return Response(200, headers, body)
+
+
 def not_modified(settings: Settings, last_modified: float) -> Response:
     """304 reply: no body."""
     headers = [

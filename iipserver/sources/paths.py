@@ -48,3 +48,46 @@ def resolve(requested: str, prefix: str, suffix: str = "") -> str:
     if not os.path.exists(real):
         raise _missing(requested)
     return real
+
+
+def find_sequence(requested: str, prefix: str, pattern: str) -> tuple[str, str]:
+    """Find an image sequence ``<prefix><path><pattern>XXX_YYY.<ext>`` (spec §6 step 4).
+
+    Returns:
+        (stem, extension): files are ``f"{stem}{x:03d}_{y:03d}.{extension}"``.
+
+    Raises:
+        ImageNotFound: no sequence, several extensions, or a match outside the prefix.
+    """
+    import glob
+
+    if not requested or "\x00" in requested or ".." in requested.replace("\\", "/").split("/"):
+        raise _missing(requested)
+    stem = prefix + requested + pattern
+    matches = glob.glob(glob.escape(stem) + "000_090.*")
+    if len(matches) != 1:
+        raise _missing(requested)
+    extension = matches[0].rsplit(".", 1)[1]
+    root = confinement_root(prefix)
+    real = os.path.realpath(matches[0])
+    if root is not None and not real.startswith(root.rstrip("/") + "/"):
+        raise _missing(requested)
+    return stem, extension
+
+
+def sequence_angles(stem: str, extension: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Horizontal angles (files ``*_090``) and vertical angles (files ``000_*``), ascending."""
+    import glob
+
+    escaped = glob.escape(stem)
+    horizontal = set()
+    for name in glob.glob(escaped + "*_090." + glob.escape(extension)):
+        middle = name[len(stem) :].rsplit("_", 1)[0]
+        if middle.isdigit():
+            horizontal.add(int(middle))
+    vertical = set()
+    for name in glob.glob(escaped + "000_*." + glob.escape(extension)):
+        tail = name[len(stem) + 4 : -(len(extension) + 1)]
+        if tail.isdigit():
+            vertical.add(int(tail))
+    return tuple(sorted(horizontal)) or (0,), tuple(sorted(vertical)) or (90,)
