@@ -51,7 +51,9 @@ class IIPApp:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.pool = SourcePool(settings.max_metadata_cache_size, settings.max_open_files)
-        self.pipeline = Pipeline(int(settings.max_image_cache_size * 1_024_000))
+        self.pipeline = Pipeline(
+            int(settings.max_image_cache_size * 1_024_000), settings.interpolation
+        )
 
     def clear_caches(self) -> None:
         """Empty every in-process cache (on SIGHUP)."""

@@ -118,3 +118,72 @@ def test_orient():
     np.testing.assert_array_equal(t.orient(tile, 0, 1)[:, :, 0], [[2, 1, 0], [5, 4, 3]])
     np.testing.assert_array_equal(t.orient(tile, 0, 2)[:, :, 0], [[3, 4, 5], [0, 1, 2]])
     assert t.orient(tile, 45, 0) is tile
+
+
+def test_constant_image_min_equals_max():
+    tile = np.full((2, 2, 1), 7.0, dtype=np.float32)
+    out = t.quantise(t.normalise(tile, [7.0], [7.0]))
+    assert out.ravel().tolist() == [0, 0, 0, 0]
+    brighter = t.quantise(t.normalise(tile + 1, [7.0], [7.0]))
+    assert brighter.ravel().tolist() == [255, 255, 255, 255]
+
+
+def test_out_of_range_minmax_clips():
+    tile = np.array([[[0.0], [50.0], [100.0]]], dtype=np.float32)
+    assert t.quantise(t.normalise(tile, [25.0], [75.0]))[0, :, 0].tolist() == [0, 127, 255]
+
+
+def test_resize_nearest():
+    tile = np.arange(16, dtype=np.uint8).reshape(4, 4, 1)
+    np.testing.assert_array_equal(t.resize_nearest(tile, 2, 2)[:, :, 0], [[0, 2], [8, 10]])
+    np.testing.assert_array_equal(t.resize_nearest(tile[:2, :2], 4, 1)[:, :, 0], [[0, 0, 1, 1]])
+
+
+def test_resize_bilinear_halves_by_sampling_the_grid():
+    # scale 2: source positions 0 and 2 exactly, weights (1, 0)
+    tile = np.arange(16, dtype=np.uint8).reshape(4, 4, 1) * 10
+    np.testing.assert_array_equal(t.resize_bilinear(tile, 2, 2)[:, :, 0], [[0, 20], [80, 100]])
+
+
+def test_resize_bilinear_upscale_interpolates_and_wraps_like_iipsrv():
+    tile = np.array([[[0], [100]], [[200], [50]]], dtype=np.uint8)
+    out = t.resize_bilinear(tile, 4, 2)[:, :, 0]
+    # x scale 0.5: positions 0, 0.5, 1, 1.5; the last column blends in the next row's first pixel
+    assert out[0].tolist() == [0, 50, 100, 150]
+    # last source row: the row below is clamped to the last pixel instead of read past the end
+    assert out[1].tolist() == [200, 125, 50, 50]
+
+
+def test_histogram_equalise_otsu_binarise():
+    tile = np.array([[[10], [10], [200], [250]]], dtype=np.uint8)
+    hist = t.histogram(tile)
+    assert hist[10] == 2 and hist[200] == 1 and hist[250] == 1 and hist.sum() == 4
+    eq = t.equalise(tile, hist)[0, :, 0].tolist()
+    # cdf 2,3,4 of 4 pixels; cdfmin = 2/4: round(63.75·(cdf - 0.5))
+    assert eq == [96, 96, 159, 223]
+    assert t.otsu(hist) == 10
+    assert t.binarise(tile, 11)[0, :, 0].tolist() == [0, 0, 255, 255]
+    rgb = np.array([[[255, 0, 0], [0, 255, 0]]], dtype=np.uint8)
+    assert t.binarise(rgb, 100)[0, :, 0].tolist() == [0, 255]
+
+
+def test_histogram_rounds_channel_average():
+    tile = np.array([[[1, 2, 2], [0, 0, 1]]], dtype=np.uint8)  # averages 1.667 and 0.333
+    hist = t.histogram(tile)
+    assert hist[2] == 1 and hist[0] == 1
+
+
+def test_stretch_range():
+    hist = np.zeros(256, dtype=np.int64)
+    hist[3] = hist[179] = 5
+    assert t.stretch_range(hist, 8, True) == (3.0, 179.0)
+    assert t.stretch_range(hist, 16, True) == (768.0, 45824.0)
+    assert t.stretch_range(hist, 32, False) == (3.0, 179.0)
+
+
+def test_lab_to_srgb_white_black_and_red():
+    lab = np.array([[[255, 0, 0], [0, 0, 0], [136, 80, 67]]], dtype=np.uint8)
+    out = t.lab_to_srgb(lab)[0]
+    assert out[0].tolist() == [255, 255, 255] or min(out[0]) >= 254
+    assert out[1].tolist() == [0, 0, 0]
+    assert out[2][0] > 200 and out[2][1] < 60 and out[2][2] < 60
