@@ -6,7 +6,9 @@ function reads settings, does I/O or keeps state.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -29,8 +31,14 @@ def normalise(tile: np.ndarray, mins: Sequence[float], maxs: Sequence[float]) ->
     out = tile.astype(_F32, copy=True)
     bad = ~np.isfinite(out) if tile.dtype.kind == "f" else None
     with np.errstate(invalid="ignore", over="ignore"):
-        out -= lo
-        out *= inv
+        if np.all(lo == lo[0]) and np.all(inv == inv[0]):  # one range: fast scalar broadcast
+            out -= lo[0]
+            out *= inv[0]
+        else:  # a length-3 inner broadcast is slow in numpy: go channel by channel
+            for c in range(channels):
+                plane = out[:, :, c]
+                plane -= lo[c]
+                plane *= inv[c]
     if bad is not None and bad.any():
         out[bad] = 0
     return out
@@ -97,11 +105,44 @@ def invert(tile: np.ndarray) -> np.ndarray:
     return (_F32(1) - tile).astype(_F32)
 
 
+# Colour maps as pieces: the piece of v is the number of edges <= v; in each piece a channel is
+# ``a·v + b`` computed in double and stored as float, as iipsrv's ``3.*value-1.`` expressions.
+_HOT_EDGES = (_THIRD, 2 * _THIRD, _F32(1))
+_HOT = (  # (a, b) per piece for R, G, B
+    ((3.0, 0.0), (0.0, 1.0), (0.0, 1.0), (0.0, 1.0)),
+    ((0.0, 0.0), (3.0, -1.0), (0.0, 1.0), (0.0, 1.0)),
+    ((0.0, 0.0), (0.0, 0.0), (3.0, -2.0), (0.0, 1.0)),
+)
+_JET_EDGES = (_F32(0.125), _F32(0.375), _F32(0.625), _F32(0.875), _F32(1))
+_JET = (
+    ((0.0, 0.0), (0.0, 0.0), (4.0, -1.5), (0.0, 1.0), (-4.0, 4.5), (0.0, 0.5)),
+    ((0.0, 0.0), (4.0, -0.5), (0.0, 1.0), (-4.0, 3.5), (0.0, 0.0), (0.0, 0.0)),
+    ((4.0, 0.5), (0.0, 1.0), (-4.0, 2.5), (0.0, 0.0), (0.0, 0.0), (0.0, 0.0)),
+)
+
+
+def _pieces(
+    v: np.ndarray,
+    edges: tuple[np.float32, ...],
+    channels: tuple[tuple[tuple[float, float], ...], ...],
+) -> np.ndarray:
+    piece = np.zeros(v.shape, dtype=np.intp)
+    for edge in edges:
+        piece += v >= edge
+    d = np.clip(v.astype(np.float64), -1.0, 2.0)
+    out = np.empty((*v.shape, 3), dtype=_F32)
+    for c, coefficients in enumerate(channels):
+        a = np.array([ab[0] for ab in coefficients])[piece]
+        b = np.array([ab[1] for ab in coefficients])[piece]
+        out[..., c] = a * d + b
+    return out
+
+
 def _hot(v: np.ndarray) -> np.ndarray:
-    r = np.select([v < _THIRD, v < 2 * _THIRD], [3 * v, 1], 1)
-    g = np.select([v < _THIRD, v < 2 * _THIRD, v < 1], [0, 3 * v - 1, 1], 1)
-    b = np.select([v < 2 * _THIRD, v < 1], [0, 3 * v - 2], 1)
-    return np.stack([r, g, b], axis=-1)
+    out = _pieces(v, _HOT_EDGES, _HOT)
+    out[v <= 0] = 0
+    out[np.isnan(v)] = 1  # every comparison fails: iipsrv's last branch
+    return out
 
 
 def _cold(v: np.ndarray) -> np.ndarray:
@@ -109,12 +150,9 @@ def _cold(v: np.ndarray) -> np.ndarray:
 
 
 def _jet(v: np.ndarray) -> np.ndarray:
-    conds = [v < 0.125, v < 0.375, v < 0.625, v < 0.875, v < 1]
-    r = np.select(conds, [0, 0, 4 * v - 1.5, 1, 4.5 - 4 * v], 0.5)
-    g = np.select(conds, [0, 4 * v - 0.5, 1, 3.5 - 4 * v, 0], 0)
-    b = np.select(conds, [4 * v + 0.5, 1, 2.5 - 4 * v, 0, 0], 0)
-    out = np.stack([r, g, b], axis=-1)
+    out = _pieces(v, _JET_EDGES, _JET)
     out[v < 0] = 0
+    out[np.isnan(v)] = (0.5, 0, 0)
     return out
 
 
@@ -125,17 +163,9 @@ def colormap(tile: np.ndarray, name: str) -> np.ndarray:
     """
     name = name.lower()
     v = tile[..., 0].astype(_F32)
-    if name in ("hot", "cold"):
+    if name in ("hot", "cold", "jet"):
         with np.errstate(invalid="ignore"):
-            out = _hot(v) if name == "hot" else _cold(v)
-            out[v <= 0] = 0
-            out[(v > 1) | np.isnan(v)] = 1
-        return out.astype(_F32)
-    if name == "jet":
-        with np.errstate(invalid="ignore"):
-            out = _jet(v)
-        out[np.isnan(v)] = (0.5, 0, 0)
-        return out.astype(_F32)
+            return {"hot": _hot, "cold": _cold, "jet": _jet}[name](v)
     if name in ("red", "green", "blue"):
         out = np.zeros((*v.shape, 3), dtype=_F32)
         out[..., ("red", "green", "blue").index(name)] = v
@@ -331,3 +361,97 @@ def lab_to_srgb(tile: np.ndarray) -> np.ndarray:
     rgb = np.maximum(xyz @ _LAB_TO_SRGB.astype(np.float64).T, 0.0)
     rgb = np.where(rgb <= 0.0031308, rgb * 12.92, 1.055 * np.power(rgb, 1.0 / 2.4) - 0.055)
     return np.minimum(rgb * 255.0, 255.0).astype(np.uint8)
+
+
+# --- tone curves through a lookup table ---------------------------------------------------------
+
+#: Colour-map breakpoints: inside one piece every output channel is linear in its input.
+_PIECES = {
+    "hot": (0.0, 1 / 3, 2 / 3, 1.0),
+    "cold": (0.0, 1 / 3, 2 / 3, 1.0),
+    "jet": (0.0, 0.125, 0.375, 0.625, 0.875, 1.0),
+}
+
+
+@dataclass(frozen=True)
+class Tone:
+    """The per-value stages after CTW: gamma (or log) → invert → colour map → contrast/quantise."""
+
+    gamma: float = 1.0
+    log: bool = False
+    invert: bool = False
+    colormap: str | None = None
+    contrast: float = 1.0
+
+    def exact(self, data: np.ndarray) -> np.ndarray:
+        """Apply the stages directly (float32 arithmetic as iipsrv), to 8-bit output."""
+        data = log_gamma(data) if self.log else gamma(data, self.gamma)
+        if self.invert:
+            data = invert(data)
+        if self.colormap is not None:
+            data = colormap(data, self.colormap)
+        return quantise(data, self.contrast)
+
+    def _before_colormap(self, data: np.ndarray) -> np.ndarray:
+        data = log_gamma(data) if self.log else gamma(data, self.gamma)
+        return invert(data) if self.invert else data
+
+
+#: Bits of a float32 value dropped to form its table bucket (32 - 12 = 20-bit buckets).
+_TONE_SHIFT = 12
+
+
+@dataclass(frozen=True)
+class ToneTable:
+    """Output per float32 bucket (the top 20 bits of the value), flagged where it varies.
+
+    ``packed`` is uint32 with the output bytes in bytes 0–2 (R, G, B for a colour map, else
+    byte 0) and byte 3 set to 1 where the output is not constant over the bucket; those
+    values are computed exactly.
+    """
+
+    packed: np.ndarray
+    colour: bool
+
+
+@functools.lru_cache(maxsize=8)
+def tone_table(tone: Tone) -> ToneTable:
+    """Build the table for ``tone``: each output is monotone in the value within a colour-map
+    piece, so a bucket whose two ends give the same bytes (and lie in one piece) is constant."""
+    keys = np.arange(1 << (32 - _TONE_SHIFT), dtype=np.uint32) << _TONE_SHIFT
+    ends = [keys.view(_F32), (keys | ((1 << _TONE_SHIFT) - 1)).view(_F32)]
+    with np.errstate(all="ignore"):
+        out = [tone.exact(e.reshape(-1, 1, 1)).reshape(len(keys), -1) for e in ends]
+        varies = np.any(out[0] != out[1], axis=1)
+        varies |= (keys >> 23 & 0xFF) == 0xFF  # infinities and NaNs
+        if tone.colormap in _PIECES:
+            edges = np.array(_PIECES[tone.colormap], dtype=_F32)
+            inputs = [tone._before_colormap(e) for e in ends]
+            varies |= np.searchsorted(edges, inputs[0]) != np.searchsorted(edges, inputs[1])
+            varies |= np.isnan(inputs[0]) | np.isnan(inputs[1])
+    packed = np.zeros(len(keys), dtype=np.uint32)
+    for channel in range(out[0].shape[1]):
+        packed |= out[0][:, channel].astype(np.uint32) << (8 * channel)
+    packed |= varies.astype(np.uint32) << 24
+    return ToneTable(packed, out[0].shape[1] == 3)
+
+
+def apply_tone(data: np.ndarray, tone: Tone) -> np.ndarray:
+    """``tone.exact(data)`` through the cached table; varying buckets are computed exactly."""
+    data = np.ascontiguousarray(data, dtype=_F32)
+    table = tone_table(tone)
+    if table.colour:  # a colour map reads channel 0 and writes RGB
+        values = np.ascontiguousarray(data[:, :, 0])
+        looked = np.take(table.packed, values.view(np.uint32) >> _TONE_SHIFT)
+        fix = np.flatnonzero(looked >= 1 << 24)
+        rgba = looked.view(np.uint8).reshape(*values.shape, 4)
+        if fix.size:
+            exact = tone.exact(values.ravel()[fix].reshape(-1, 1, 1)).reshape(-1, 3)
+            rgba.reshape(-1, 4)[fix, :3] = exact
+        return np.ascontiguousarray(rgba[:, :, :3])
+    looked = np.take(table.packed, data.view(np.uint32) >> _TONE_SHIFT)
+    fix = np.flatnonzero(looked >= 1 << 24)
+    out = looked.astype(np.uint8)
+    if fix.size:
+        out.reshape(-1)[fix] = tone.exact(data.reshape(-1)[fix].reshape(-1, 1, 1)).ravel()
+    return out

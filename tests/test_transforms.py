@@ -187,3 +187,58 @@ def test_lab_to_srgb_white_black_and_red():
     assert out[0].tolist() == [255, 255, 255] or min(out[0]) >= 254
     assert out[1].tolist() == [0, 0, 0]
     assert out[2][0] > 200 and out[2][1] < 60 and out[2][2] < 60
+
+
+TONES = [
+    t.Tone(),
+    t.Tone(gamma=0.4545),
+    t.Tone(gamma=2.2, contrast=1.7),
+    t.Tone(log=True),
+    t.Tone(invert=True, contrast=2.5, colormap="jet"),
+    t.Tone(colormap="hot"),
+    t.Tone(colormap="cold", gamma=0.6),
+    t.Tone(colormap="blue", contrast=0.3),
+    t.Tone(gamma=0.5, invert=True, contrast=-1.0),
+    t.Tone(log=True, invert=True, colormap="jet"),
+]
+
+
+@pytest.mark.parametrize("tone", TONES, ids=repr)
+def test_tone_table_gives_exactly_the_direct_result(tone):
+    rng = np.random.default_rng(11)
+    special = np.array(
+        [
+            np.nan,
+            np.inf,
+            -np.inf,
+            -1 / 255,
+            0,
+            -0.0,
+            1,
+            0.125,
+            1 / 3,
+            2 / 3,
+            0.875,
+            1e-30,
+            -1e-30,
+            1e30,
+            3.0e38,
+        ],
+        dtype=np.float32,
+    )
+    edges = np.arange(0, 1 << 20, 97, dtype=np.uint32) << 12
+    values = np.concatenate(
+        [
+            rng.normal(0.2, 0.6, 40000).astype(np.float32),
+            rng.random(40000, dtype=np.float32),
+            special,
+            edges.view(np.float32),
+            (edges | 0xFFF).view(np.float32),
+            (edges | 0x800).view(np.float32),
+        ]
+    )
+    data = values[: (values.size // 3) * 3].reshape(-1, 3, 1)
+    with np.errstate(all="ignore"):
+        np.testing.assert_array_equal(t.apply_tone(data, tone), tone.exact(data))
+        three = data.reshape(-1, 1, 3)
+        np.testing.assert_array_equal(t.apply_tone(three, tone), tone.exact(three))
