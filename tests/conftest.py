@@ -105,6 +105,28 @@ def _texture_rgb(width: int, height: int, seed: int) -> np.ndarray:
     return np.clip(np.round(base), 0, 255).astype(np.uint8)
 
 
+def _normal_map(width: int, height: int) -> np.ndarray:
+    """Three float32 bands in 0..1 encoding unit surface normals (p = n/2 + 0.5) of a bumpy
+    surface, the input SHD expects."""
+    y, x = np.mgrid[0:height, 0:width].astype(np.float64)
+    z = 18.0 * np.sin(x / 17.0) * np.cos(y / 11.0) + 0.02 * (x - width / 2) ** 2 / 10.0
+    gy, gx = np.gradient(z)
+    n = np.stack([-gx, -gy, np.ones_like(z)], axis=2)
+    n /= np.linalg.norm(n, axis=2, keepdims=True)
+    return (0.5 * n + 0.5).astype(np.float32)
+
+
+#: Image sequence (spec §6, notes §8): ``seq_pyr_<x>_<y>.tif`` for these angles.
+SEQUENCE_HORIZONTAL = (0, 10, 20)
+SEQUENCE_VERTICAL = (80, 90)
+
+
+def _sequence_view(x: int, y: int) -> np.ndarray:
+    """One float32 view of the sequence: its own star field, scaled and offset by angle."""
+    sky = star_field(300, 200, seed=23 + x + 1000 * y)
+    return (sky * (1.0 + x / 40.0) + (90 - y) * 3.0).astype(np.float32)
+
+
 def _builders() -> list[tuple[TestImage, Callable[[Path, TestImage], None]]]:
     """Each test image and how to write it."""
     rgb_levels = pyramid_levels(rgb_image())
@@ -222,6 +244,42 @@ def _builders() -> list[tuple[TestImage, Callable[[Path, TestImage], None]]]:
             (305, "s", 0, meta_tags["app-name"], True),
         ],
     )
+
+    # Science pipeline (tests/test_differential_science.py): a 5-band float cube, a
+    # normal map for SHD and a float image sequence.
+    cube5 = star_field(300, 200, seed=17, channels=5)
+    add(
+        TestImage(
+            "cube5.tif",
+            pyramid_levels(cube5),
+            smin=tuple(float(v) for v in cube5.min(axis=(0, 1))),
+            smax=tuple(float(v) for v in np.percentile(cube5, 99.5, axis=(0, 1))),
+        ),
+        photometric="minisblack",
+        planarconfig="contig",
+    )
+    add(
+        TestImage(
+            "normals.tif", pyramid_levels(_normal_map(320, 240)), smin=(0.0,) * 3, smax=(1.0,) * 3
+        ),
+        photometric="rgb",
+        planarconfig="contig",
+    )
+    # One calibration (SMin/SMax of the first view) for every view: 1.1 normalises a view
+    # with the tags of whichever file it opened last, which depends on its tile cache.
+    first = _sequence_view(0, 90)
+    seq_range = (float(first.min()), float(np.percentile(first, 99.0)))
+    for sx in SEQUENCE_HORIZONTAL:
+        for sy in SEQUENCE_VERTICAL:
+            add(
+                TestImage(
+                    f"seq_pyr_{sx:03d}_{sy:03d}.tif",
+                    pyramid_levels(_sequence_view(sx, sy)),
+                    smin=(seq_range[0],),
+                    smax=(seq_range[1],),
+                ),
+                photometric="minisblack",
+            )
     return out
 
 
@@ -256,30 +314,21 @@ def _server_env(images: ImageSet, logfile: Path) -> dict[str, str]:
     return env
 
 
-@pytest.fixture(scope="session")
-def reference(
-    images: ImageSet, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[ServerProcess]:
-    """Debian's iipsrv 1.1 on a free port, serving ``images``."""
+def _reference_process(images: ImageSet, logdir: Path, **settings: str) -> ServerProcess:
+    """iipsrv 1.1 (not started) over ``images``, with extra environment ``settings``."""
     if not (os.path.isfile(IIPSRV) and os.access(IIPSRV, os.X_OK)):
         pytest.skip(f"iipsrv 1.1 not installed ({IIPSRV}); apt-get install iipimage-server")
-    logdir = tmp_path_factory.mktemp("iipsrv")
-    server = ServerProcess(
-        "iipsrv",
-        lambda port: [IIPSRV, "--bind", f"127.0.0.1:{port}"],
-        _server_env(images, logdir / "iipsrv.log"),
-        cwd=logdir,
+    env = _server_env(images, logdir / "iipsrv.log")
+    env.update(settings)
+    return ServerProcess(
+        "iipsrv", lambda port: [IIPSRV, "--bind", f"127.0.0.1:{port}"], env, cwd=logdir
     )
-    server.start()
-    yield server
-    server.stop()
 
 
-@pytest.fixture(scope="session")
-def ours(images: ImageSet, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    """Our server, ``python -m iipserver fcgi``, on a free port, serving ``images``."""
-    logdir = tmp_path_factory.mktemp("iipserver")
+def _our_process(images: ImageSet, logdir: Path, **settings: str) -> ServerProcess:
+    """Our server (not started) over ``images``, with extra environment ``settings``."""
     env = _server_env(images, logdir / "iipserver.log")
+    env.update(settings)
     repo = str(Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (repo, env.get("PYTHONPATH", "")) if p)
     override = os.environ.get("IIPSERVER_FCGI_COMMAND", "")
@@ -290,7 +339,72 @@ def ours(images: ImageSet, tmp_path_factory: pytest.TempPathFactory) -> Iterator
         bind = f"127.0.0.1:{port}"
         return [sys.executable, "-m", "iipserver", "fcgi", "--bind", bind, "--workers", "1"]
 
-    server = ServerProcess("iipserver", argv, env, cwd=logdir)
+    return ServerProcess("iipserver", argv, env, cwd=logdir)
+
+
+@pytest.fixture(scope="session")
+def reference(
+    images: ImageSet, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerProcess]:
+    """Debian's iipsrv 1.1 on a free port, serving ``images``."""
+    server = _reference_process(images, tmp_path_factory.mktemp("iipsrv"))
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def ours(images: ImageSet, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """Our server, ``python -m iipserver fcgi``, on a free port, serving ``images``."""
+    server = _our_process(images, tmp_path_factory.mktemp("iipserver"))
+    server.start()
+    yield server
+    server.stop()
+
+
+ServerPair = tuple[ServerProcess, ServerProcess]
+
+
+class ServerPairs:
+    """(iipsrv 1.1, ours) pairs started with extra environment settings, one per setting.
+
+    ``server_pair(MAX_CVT="300", ALLOW_UPSCALING="0")`` starts both servers on the first call
+    with those settings and returns the same running pair afterwards.
+    """
+
+    def __init__(self, images: ImageSet, tmp_path_factory: pytest.TempPathFactory) -> None:
+        self.images = images
+        self.tmp_path_factory = tmp_path_factory
+        self.pairs: dict[tuple[tuple[str, str], ...], ServerPair] = {}
+
+    def __call__(self, **settings: str) -> ServerPair:
+        key = tuple(sorted(settings.items()))
+        if key not in self.pairs:
+            label = "-".join(f"{k}{v}" for k, v in key) or "default"
+            mktemp = self.tmp_path_factory.mktemp
+            ref = _reference_process(self.images, mktemp(f"iipsrv-{label}"), **settings)
+            mine = _our_process(self.images, mktemp(f"iipserver-{label}"), **settings)
+            ref.start()
+            try:
+                mine.start()
+            except BaseException:
+                ref.stop()
+                raise
+            self.pairs[key] = (ref, mine)
+        return self.pairs[key]
+
+    def stop(self) -> None:
+        for ref, mine in self.pairs.values():
+            ref.stop()
+            mine.stop()
+
+
+@pytest.fixture(scope="session")
+def server_pair(
+    images: ImageSet, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerPairs]:
+    """Factory for (iipsrv 1.1, ours) started with extra environment settings (for example
+    MAX_CVT, ALLOW_UPSCALING), stopped at the end of the session. Skips without iipsrv."""
+    pairs = ServerPairs(images, tmp_path_factory)
+    yield pairs
+    pairs.stop()

@@ -348,3 +348,60 @@ def pixel_diff(ref: bytes, ours: bytes) -> tuple[np.ndarray, np.ndarray, np.ndar
     if a.shape != b.shape:
         raise AssertionError(f"decoded shapes differ: iipsrv {a.shape}, ours {b.shape}")
     return a, b, np.abs(a.astype(np.int16) - b.astype(np.int16))
+
+
+# --------------------------------------------------------------------------------------
+# TIL bodies and replies embedded in a 200 body (1.1 writes errors after its headers)
+
+TIL_RECORD = re.compile(rb"Tile,(-?\d+),(-?\d+),0/(\d+):")
+
+
+@dataclass
+class TilRecord:
+    """One TIL record: ``Tile,<r>,<n>,0/<len+8>:`` + type + subtype + data + CRLF."""
+
+    head: bytes  # "Tile,r,n,0/len:" as sent
+    resolution: int
+    index: int
+    kind: bytes  # 4 bytes: 02 00 00 00 (8-bit), 03 00 00 00 (16-bit), else 0
+    subtype: bytes  # 4 bytes: 00 11 00 00
+    data: bytes
+
+
+def til_records(body: bytes) -> tuple[list[TilRecord], bytes]:
+    """Split a TIL body into well-framed records, and whatever follows the last one."""
+    records: list[TilRecord] = []
+    pos = 0
+    while pos < len(body):
+        m = TIL_RECORD.match(body, pos)
+        if not m:
+            break
+        length = int(m.group(3))
+        start, end = m.end(), m.end() + length
+        if length < 8 or body[end : end + 2] != b"\r\n":
+            break
+        payload = body[start:end]
+        records.append(
+            TilRecord(
+                m.group(0),
+                int(m.group(1)),
+                int(m.group(2)),
+                payload[:4],
+                payload[4:8],
+                payload[8:],
+            )
+        )
+        pos = end + 2
+    return records, body[pos:]
+
+
+EMBEDDED_REPLY = re.compile(
+    rb"Status: (\d{3})[^\r\n]*\r\n(?:[A-Za-z-]+: [^\r\n]*\r\n)*\r\n(.*)\Z", re.S
+)
+
+
+def embedded_reply(body: bytes) -> tuple[int, bytes] | None:
+    """(status, text) of an error reply that 1.1 wrote after its 200 headers (for example
+    SPECTRA or TIL on a missing tile), or None."""
+    m = EMBEDDED_REPLY.search(body)
+    return (int(m.group(1)), m.group(2)) if m else None
