@@ -77,7 +77,7 @@ def finish(
 ) -> np.ndarray:
     """8-bit pixels to output pixels: flatten → grey → binary → equalise → flip → rotate."""
     out = transforms.flatten(pixels)
-    if rendering.colour in ("grey", "gray") and out.shape[2] == 3 and info.colorspace != "CIELAB":
+    if rendering.colour in ("grey", "gray") and out.shape[2] == 3 and info.colorspace == "sRGB":
         out = transforms.greyscale(out)
     if rendering.colour == "binary" and hist is not None and info.colorspace != "BINARY":
         out = transforms.binarise(out, hist.threshold)
@@ -157,10 +157,10 @@ class Pipeline:
         return made
 
     def _prepare(
-        self, image: OpenedImage, rendering: Rendering
+        self, image: OpenedImage, rendering: Rendering, histogram_image: OpenedImage | None
     ) -> tuple[Rendering, Histogram | None]:
         needs = rendering.equalise or rendering.stretch or rendering.colour == "binary"
-        hist = self.histogram(image) if needs else None
+        hist = self.histogram(histogram_image or image) if needs else None
         if rendering.stretch and hist is not None:
             info = image.source.info
             lo, hi = transforms.stretch_range(
@@ -171,14 +171,23 @@ class Pipeline:
         return rendering, hist
 
     def tile(
-        self, image: OpenedImage, resolution: int, index: int, rendering: Rendering
+        self,
+        image: OpenedImage,
+        resolution: int,
+        index: int,
+        rendering: Rendering,
+        histogram_image: OpenedImage | None = None,
     ) -> Encoded:
-        """Return tile ``index`` of ``resolution`` (0 = smallest) rendered and encoded."""
+        """Return tile ``index`` of ``resolution`` (0 = smallest) rendered and encoded.
+
+        ``histogram_image`` is the image whose histogram CNT=eq|st and COL=binary use (by
+        default ``image``; for image sequences iipsrv uses the view at horizontal angle 0).
+        """
         started = time.perf_counter()
         raw = self.raw_tile(image, resolution, index)
         read = time.perf_counter()
         info = image.source.info
-        rendering, hist = self._prepare(image, rendering)
+        rendering, hist = self._prepare(image, rendering, histogram_image)
         table = rendering.needs_float(info) and self.use_table(rendering)
         pixels = finish(develop(raw, info, rendering, table), info, rendering, hist)
         processed = time.perf_counter()
@@ -195,13 +204,19 @@ class Pipeline:
             )
         return encoded
 
-    def region(self, image: OpenedImage, plan: Plan, rendering: Rendering) -> Encoded:
+    def region(
+        self,
+        image: OpenedImage,
+        plan: Plan,
+        rendering: Rendering,
+        histogram_image: OpenedImage | None = None,
+    ) -> Encoded:
         """Return a CVT region: the plan's level rectangle, resized to its output size."""
         if plan.out_width * plan.out_height * 3 > REGION_BUDGET:
             raise BadRequest("CVT: requested output size is too large")
         info = image.source.info
         raw = self.raw_region(image, plan.resolution, plan.x, plan.y, plan.width, plan.height)
-        rendering, hist = self._prepare(image, rendering)
+        rendering, hist = self._prepare(image, rendering, histogram_image)
         pixels = develop(raw, info, rendering)
         if (pixels.shape[1], pixels.shape[0]) != (plan.out_width, plan.out_height):
             if self.interpolation == 0:

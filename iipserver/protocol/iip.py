@@ -223,12 +223,22 @@ class Session:
             )
             return self.pool.get(real)
         except (ImageNotFound, ImageReadError):
-            raise ImageReadError(f"tiff open failed for: {name}.{sequence.extension}") from None
+            raise ImageReadError(f"tiff open failed for:{name}.{sequence.extension}") from None
 
     def _select_view(self, x: int, y: int) -> None:
+        """SDS: remember the angles; the view's file is opened when pixels are read."""
         self.view.angles = (x, y)
-        if self.view.sequence is not None:
-            self.view.image = self._open_view(x, y)
+
+    def _current(self) -> OpenedImage:
+        """The image pixels come from: the FIF file, or the sequence view SDS selected."""
+        self._image()
+        return self._open_view(*self.view.angles)
+
+    def _histogram_source(self) -> OpenedImage | None:
+        """For sequences iipsrv takes the histogram from the view at horizontal angle 0."""
+        if self.view.sequence is None:
+            return None
+        return self._open_view(0, self.view.angles[1])
 
     def _info(self, image: OpenedImage) -> SourceInfo:
         """The image's info with this request's MINMAX ranges and sequence angles."""
@@ -275,7 +285,7 @@ class Session:
     def _tile(self, command: Tile) -> Response:
         if command.angles is not None:
             self._select_view(*command.angles)
-        image = self._image()
+        image = self._current()
         info = image.source.info
         index = command.index
         if int(self.view.rotation) % 360 == 180 and 0 <= command.resolution < len(info.levels):
@@ -284,13 +294,15 @@ class Session:
             if tiles - 1 - index >= 0:
                 index = tiles - 1 - index
         rendering = self.view.rendering(info, command.fmt, self._default_quality(command.fmt))
-        encoded = self.pipeline.tile(image, command.resolution, index, rendering)
+        encoded = self.pipeline.tile(
+            image, command.resolution, index, rendering, self._histogram_source()
+        )
         return responses.image_response(
             self.settings, encoded.data, encoded.media_type, image.stamp.mtime
         )
 
     def _convert(self, fmt: OutputFormat) -> Response:
-        image = self._image()
+        image = self._current()
         info = image.source.info
         view = self.view
         the_plan = plan(
@@ -302,7 +314,7 @@ class Session:
             self.settings.allow_upscaling,
         )
         rendering = view.rendering(info, fmt, self._default_quality(fmt))
-        encoded = self.pipeline.region(image, the_plan, rendering)
+        encoded = self.pipeline.region(image, the_plan, rendering, self._histogram_source())
         name = responses.attachment_name(view.requested_path, fmt.extension)
         return responses.region_response(
             self.settings, encoded.data, encoded.media_type, image.stamp.mtime, name
@@ -324,7 +336,13 @@ class Session:
             raise BannerError("PFL: invalid resolution number")
         level = info.levels[r]
         x1, y1, x2, y2 = command.x1, command.y1, command.x2, command.y2
-        if min(x1, y1, x2, y2) < 0 or x1 >= level.width or y1 >= level.height:
+        if (
+            min(x1, y1, x2, y2) < 0
+            or x1 >= level.width
+            or y1 >= level.height
+            or x2 > level.width
+            or y2 > level.height
+        ):
             raise BannerError("PFL: invalid coordinates")
         if x2 > x1:
             box = (x1, y1, min(x2, level.width) - x1, 1)
@@ -355,7 +373,7 @@ class Session:
         return responses.data_response(self.settings, body, "application/xml", image.stamp.mtime)
 
     def _tiles(self, command: Tiles) -> Response | None:
-        image = self._image()
+        image = self._current()
         info = image.source.info
         r = command.resolution
         if not 0 <= r < len(info.levels):
