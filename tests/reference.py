@@ -405,3 +405,20 @@ def embedded_reply(body: bytes) -> tuple[int, bytes] | None:
     SPECTRA or TIL on a missing tile), or None."""
     m = EMBEDDED_REPLY.search(body)
     return (int(m.group(1)), m.group(2)) if m else None
+
+
+def jpeg_structure_problems(ref_body: bytes, ours_body: bytes) -> list[str]:
+    """Same geometry, components, chroma sampling and quantisation tables; baseline."""
+    ri, oi = jpeg_info(ref_body), jpeg_info(ours_body)
+    problems = []
+    if (ri.width, ri.height) != (oi.width, oi.height):
+        problems.append(f"size: iipsrv {ri.width}x{ri.height}, ours {oi.width}x{oi.height}")
+    if [c[1:] for c in ri.components] != [c[1:] for c in oi.components]:
+        problems.append(f"components/sampling: iipsrv {ri.components}, ours {oi.components}")
+    if ri.qtables != oi.qtables:
+        rq = [t[:3] for t in ri.qtables.values()]
+        oq = [t[:3] for t in oi.qtables.values()]
+        problems.append(f"quantisation tables differ (quality): iipsrv {rq}, ours {oq}")
+    if oi.progressive:
+        problems.append("ours is progressive")
+    return problems

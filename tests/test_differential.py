@@ -35,7 +35,7 @@ from reference import (
     compare_headers,
     decode,
     iip_error_codes,
-    jpeg_info,
+    jpeg_structure_problems,
     policy_problems,
     repair_header_block,
 )
@@ -83,18 +83,7 @@ def compare_jpeg(
     """Same geometry, components, sampling and quantisation; decoded pixels close."""
     if not ours.body.startswith(b"\xff\xd8"):
         return [f"ours is not a JPEG (Content-Type {ours.header('Content-Type')!r})"]
-    ri, oi = jpeg_info(ref.body), jpeg_info(ours.body)
-    problems = []
-    if (ri.width, ri.height) != (oi.width, oi.height):
-        problems.append(f"size: iipsrv {ri.width}x{ri.height}, ours {oi.width}x{oi.height}")
-    if [c[1:] for c in ri.components] != [c[1:] for c in oi.components]:
-        problems.append(f"components/sampling: iipsrv {ri.components}, ours {oi.components}")
-    if ri.qtables != oi.qtables:
-        rq = [t[:3] for t in ri.qtables.values()]
-        oq = [t[:3] for t in oi.qtables.values()]
-        problems.append(f"quantisation tables differ (quality): iipsrv {rq}, ours {oq}")
-    if oi.progressive:
-        problems.append("ours is progressive")
+    problems = jpeg_structure_problems(ref.body, ours.body)
     if problems:
         return problems
     a, b = decode(ref.body), decode(ours.body)

@@ -43,6 +43,7 @@ from reference import (
     decode,
     embedded_reply,
     jpeg_info,
+    jpeg_structure_problems,
     policy_problems,
     til_records,
 )
@@ -139,16 +140,7 @@ def jpeg_problems(
     """Same geometry, components, sampling and quality; decoded pixels close."""
     if not _is_jpeg(ours):
         return [f"ours is not a JPEG (status {ours.status}, {ours.header('Content-Type')!r})"]
-    ri, oi = jpeg_info(ref.body), jpeg_info(ours.body)
-    problems = []
-    if (ri.width, ri.height) != (oi.width, oi.height):
-        problems.append(f"size: iipsrv {ri.width}x{ri.height}, ours {oi.width}x{oi.height}")
-    if [c[1:] for c in ri.components] != [c[1:] for c in oi.components]:
-        problems.append(f"components/sampling: iipsrv {ri.components}, ours {oi.components}")
-    if ri.qtables != oi.qtables:
-        problems.append("quantisation tables differ (quality)")
-    if oi.progressive:
-        problems.append("ours is progressive")
+    problems = jpeg_structure_problems(ref.body, ours.body)
     return problems or pixel_problems(ref.body, ours.body, tol, rows=rows)
 
 
