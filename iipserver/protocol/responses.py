@@ -7,7 +7,7 @@ import html
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from iipserver import __version__
+from iipserver import __version__, fitsheader
 from iipserver.settings import Settings
 from iipserver.sources.base import SourceInfo
 
@@ -270,6 +270,8 @@ def metadata_value(info: SourceInfo, name: str, settings: Settings) -> str:
     value = info.metadata.get(key, "") if key else ""
     if key == "copyright" and not value:
         value = settings.copyright
+    if key == "description" and fitsheader.looks_like_fits(value):
+        value = fitsheader.with_cd_matrix(value)  # VisiOmatic reads only the CD form of the WCS
     return value
 
 

@@ -83,6 +83,20 @@ def _tag(page: tifffile.TiffPage, name: str) -> Any:
     return None if tag is None else tag.value
 
 
+def _ascii_tag(page: tifffile.TiffPage, name: str) -> str | None:
+    """An ASCII tag exactly as libtiff returns it (up to the first NUL, trailing spaces kept;
+    tifffile strips them, which would change FITS headers padded to 2880 bytes)."""
+    tag = page.tags.get(name)
+    if tag is None:
+        return None
+    if int(tag.dtype) != 2 or tag.count <= page.parent.tiff.tagoffsetthreshold:
+        return _text(tag.value)
+    handle = page.parent.filehandle
+    handle.seek(tag.valueoffset)
+    raw = handle.read(tag.count).split(b"\x00", 1)[0]
+    return raw.decode("utf-8", "replace")
+
+
 def _per_channel(value: Any, channels: int) -> list[float] | None:
     if value is None:
         return None
@@ -171,9 +185,9 @@ class TiffSource:
         maxs = _per_channel(_tag(first, "SMaxSampleValue"), channels)
         metadata = {}
         for tag, key in _METADATA_TAGS.items():
-            value = _tag(first, tag)
-            if value not in (None, "", b""):
-                metadata[key] = _text(value)
+            text = _ascii_tag(first, tag)
+            if text:
+                metadata[key] = text
         info = SourceInfo(
             levels=tuple(levels),
             channels=channels,
