@@ -74,7 +74,7 @@ def _split_value_comment(field: str) -> tuple[str, str]:
 def split_cards(text: str) -> list[str]:
     """Cut a header into 80-column card images (newline-separated or concatenated)."""
     if "\n" in text:
-        lines = []
+        lines: list[str] = []
         for line in text.replace("\r", "").split("\n"):
             lines.extend(line[i : i + CARD] for i in range(0, max(len(line), 1), CARD))
         return [line for line in lines if line]
