@@ -127,6 +127,122 @@ def _sequence_view(x: int, y: int) -> np.ndarray:
     return (sky * (1.0 + x / 40.0) + (90 - y) * 3.0).astype(np.float32)
 
 
+# VisiOmatic v2 replay (tests/test_visiomatic_v2.py): STIFF-style float32 images whose TIFF
+# ImageDescription holds a FITS header (80-column cards concatenated, END, padded with spaces
+# to a multiple of 2880). No '%' anywhere (1.1's printf hazard) and no NaN (1.1 prints ``nan``
+# in PFL, which JSON.parse rejects).
+
+#: Full-resolution size of the VisiOmatic images: 3 levels (150x112, 300x225, 600x450).
+VM_SIZE = (600, 450)
+#: CRVAL and a slightly rotated CD matrix (degrees per pixel) of vm_single.tif / vm_cube3.tif.
+VM_CRVAL = (150.1191666667, 2.2058333333)
+VM_CD = {
+    "CD1_1": -5.5517477136937e-05,
+    "CD1_2": 2.0833333333333e-06,
+    "CD2_1": 2.0833333333333e-06,
+    "CD2_2": 5.5517477136937e-05,
+}
+VM_CHANNEL_LABELS = ("g", "r", "i")
+#: vm_cdeltpc.tif: CDELT with a PC matrix (30 degrees) and no CD.
+VM_CDELT = (-5.6e-05, 5.6e-05)
+VM_PC = {
+    "PC1_1": 0.8660254037844387,
+    "PC1_2": -0.5,
+    "PC2_1": 0.5,
+    "PC2_2": 0.8660254037844387,
+}
+
+
+def fits_card(key: str, value: bool | int | float | str, comment: str = "") -> str:
+    """One 80-column FITS card in fixed format (value right-aligned to column 30)."""
+    if isinstance(value, bool):
+        text = f"{'T' if value else 'F':>20}"
+    elif isinstance(value, int):
+        text = f"{value:>20d}"
+    elif isinstance(value, float):
+        number = repr(value).upper()
+        text = f"{number if ('.' in number or 'E' in number) else number + '.':>20}"
+    else:
+        text = f"{chr(39) + value.ljust(8) + chr(39):<20}"
+    card = f"{key:<8}= {text}" + (f" / {comment}" if comment else "")
+    assert len(card) <= 80 and "%" not in card, card
+    return card.ljust(80)
+
+
+def fits_header(cards: Sequence[str]) -> str:
+    """Cards + END, padded with spaces to a whole number of 2880-byte blocks."""
+    text = "".join(cards) + "END".ljust(80)
+    return text.ljust(-(-len(text) // 2880) * 2880)
+
+
+def _vm_header(
+    width: int,
+    height: int,
+    channels: int,
+    wcs: Sequence[tuple[str, float]],
+    labels: Sequence[str] = (),
+) -> str:
+    cards = [
+        fits_card("SIMPLE", True, "conforms to FITS standard"),
+        fits_card("BITPIX", -32, "array data type"),
+        fits_card("NAXIS", 3 if channels > 1 else 2, "number of array dimensions"),
+        fits_card("NAXIS1", width),
+        fits_card("NAXIS2", height),
+    ]
+    if channels > 1:
+        cards.append(fits_card("NAXIS3", channels))
+    cards += [
+        fits_card("EQUINOX", 2000.0, "Mean equinox"),
+        fits_card("RADESYS", "ICRS", "Astrometric system"),
+        fits_card("CTYPE1", "RA---TAN", "WCS projection type for this axis"),
+        fits_card("CTYPE2", "DEC--TAN", "WCS projection type for this axis"),
+        fits_card("CUNIT1", "deg", "Axis unit"),
+        fits_card("CUNIT2", "deg", "Axis unit"),
+        fits_card("CRVAL1", VM_CRVAL[0], "World coordinate on this axis"),
+        fits_card("CRVAL2", VM_CRVAL[1], "World coordinate on this axis"),
+        fits_card("CRPIX1", width / 2 + 0.5, "Reference pixel on this axis"),
+        fits_card("CRPIX2", height / 2 + 0.5, "Reference pixel on this axis"),
+    ]
+    cards += [fits_card(key, value, "Linear projection matrix") for key, value in wcs]
+    cards += [
+        fits_card(f"CHAN{i + 1:04d}", label, "Channel label") for i, label in enumerate(labels)
+    ]
+    cards += [
+        fits_card("OBJECT", "TESTFIELD", "Object name"),
+        fits_card("EXPTIME", 300.0, "Exposure time [s]"),
+        "COMMENT STIFF-style header written by the iipserver test suite".ljust(80),
+    ]
+    return fits_header(cards)
+
+
+def _visiomatic_images() -> list[tuple[TestImage, str]]:
+    """The VisiOmatic v2 images and their ImageDescription (FITS header)."""
+    width, height = VM_SIZE
+    single = star_field(width, height, seed=31)
+    cube = star_field(width, height, seed=37, channels=3)
+    cdelt = star_field(300, 200, seed=41)
+    cd = list(VM_CD.items())
+    pc = [("CDELT1", VM_CDELT[0]), ("CDELT2", VM_CDELT[1]), *VM_PC.items()]
+    out = []
+    for name, data, wcs, labels in (
+        ("vm_single.tif", single, cd, ()),
+        ("vm_cube3.tif", cube, cd, VM_CHANNEL_LABELS),
+        ("vm_cdeltpc.tif", cdelt, pc, ()),
+    ):
+        assert np.isfinite(data).all()
+        axes = (0, 1)
+        header = _vm_header(data.shape[1], data.shape[0], 1 if data.ndim == 2 else 3, wcs, labels)
+        image = TestImage(
+            name,
+            pyramid_levels(data),
+            smin=tuple(float(v) for v in np.atleast_1d(data.min(axis=axes))),
+            smax=tuple(float(v) for v in np.atleast_1d(np.percentile(data, 99.5, axis=axes))),
+            tags={"subject": header},
+        )
+        out.append((image, header))
+    return out
+
+
 def _builders() -> list[tuple[TestImage, Callable[[Path, TestImage], None]]]:
     """Each test image and how to write it."""
     rgb_levels = pyramid_levels(rgb_image())
@@ -280,6 +396,10 @@ def _builders() -> list[tuple[TestImage, Callable[[Path, TestImage], None]]]:
                 ),
                 photometric="minisblack",
             )
+
+    # VisiOmatic v2 replay: FITS headers in ImageDescription (tests/test_visiomatic_v2.py).
+    for image, header in _visiomatic_images():
+        add(image, description=header, photometric="minisblack", planarconfig="contig")
     return out
 
 
