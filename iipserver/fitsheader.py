@@ -154,7 +154,7 @@ def format_value(value: FitsValue) -> str:
         if "E" not in text and "." not in text:
             text += "."
         if len(text) > 20:
-            text = f"{value:.15G}"
+            text = f"{value:.13E}" if abs(value) < 1 else f"{value:.14G}"
         return f"{text:>20}"
     if value is None:
         return " " * 20
@@ -187,6 +187,13 @@ def with_cd_matrix(text: str) -> str:
     if at is None:
         at = next((i for i, c in enumerate(cards) if c[:8].strip() == "END"), len(cards)) - 1
     cards[at + 1 : at + 1] = new
+    end = next((i for i, c in enumerate(cards) if c[:8].strip() == "END"), None)
+    if end is not None:  # absorb the new cards into the blank padding after END
+        blank = " " * CARD
+        while len(cards) > end + 1 and len(cards) % 36 and cards[-1].ljust(CARD) == blank:
+            cards.pop()
+        if len(text) % 2880 == 0 and "\n" not in text:
+            cards += [blank] * (-len(cards) % 36)
     joiner = "\n" if "\n" in text else ""
     return joiner.join(c.ljust(CARD) if not joiner else c for c in cards)
 
