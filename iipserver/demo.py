@@ -210,6 +210,20 @@ def write_pyramid(
             )
 
 
+def display_range(data: np.ndarray) -> tuple[list[float], list[float]]:
+    """Per-channel display cuts as STIFF writes them into SMin/SMaxSampleValue: from just
+    below the sky (median - 2 sigma) to well above it (median + 200 sigma), sigma from the MAD."""
+    planes = data.reshape(-1, 1 if data.ndim == 2 else data.shape[2])
+    mins, maxs = [], []
+    for c in range(planes.shape[1]):
+        values = planes[:, c]
+        med = float(np.median(values))
+        sigma = 1.4826 * float(np.median(np.abs(values - med))) or 1.0
+        mins.append(max(float(values.min()), med - 2 * sigma))
+        maxs.append(min(float(values.max()), med + 200 * sigma))
+    return mins, maxs
+
+
 def _write_stars(path: Path) -> None:
     sky = star_field()
     height, width = sky.shape
@@ -218,7 +232,7 @@ def _write_stars(path: Path) -> None:
         path,
         pyramid(sky),
         photometric="minisblack",
-        extratags=smin_smax_tags([float(sky.min())], [float(sky.max())]),
+        extratags=smin_smax_tags(*display_range(sky)),
         description=header,
     )
 
@@ -229,8 +243,7 @@ def _write_rgb(path: Path) -> None:
 
 def _write_cube(path: Path) -> None:
     data = cube()
-    mins = [float(v) for v in data.min(axis=(0, 1))]
-    maxs = [float(v) for v in data.max(axis=(0, 1))]
+    mins, maxs = display_range(data)
     write_pyramid(
         path,
         pyramid(data),

@@ -23,7 +23,7 @@ from typing import Any
 
 from werkzeug.serving import ThreadedWSGIServer, WSGIRequestHandler
 
-from iipserver import __version__, demo, prefork
+from iipserver import __version__, client, demo, prefork
 from iipserver.app import make_app
 from iipserver.errors import ConfigError
 from iipserver.logs import banner, log_settings
@@ -294,7 +294,10 @@ def _control_loop(
 def serve_worker(listen_sock: socket.socket, host: str, settings: Settings, lifeline: int) -> int:
     """Body of one worker process: serve HTTP on the inherited socket until told to stop."""
     iip = make_app(settings)
-    app = Dispatcher(iip, create_site(settings.filesystem_prefix))
+    viewer = client.client_dir()
+    app = Dispatcher(
+        iip, create_site(settings.filesystem_prefix, viewer if client.installed(viewer) else None)
+    )
     port = int(listen_sock.getsockname()[1])
     server = WorkerServer(host, port, app, KeepAliveHandler, fd=listen_sock.fileno())
     # Workers race to accept: the losers must get EAGAIN, not block in accept().
@@ -345,6 +348,8 @@ def run(settings: Settings, options: Options) -> int:
         filesystem_prefix=os.path.join(root, ""), uri_map=settings.uri_map or DEFAULT_URI_MAP
     )
     make_app(settings)  # fail here, once, rather than in every worker
+    if os.environ.get("IIPSERVER_CLIENT_FETCH", "1") != "0":
+        client.ensure()  # the VisiOmatic client, downloaded once from PyPI and npm
     listener = prefork.listen((options.host, options.port), options.backlog)
     try:
         assert not isinstance(listener.address, str)

@@ -34,11 +34,13 @@ class _Dimensions:
     """Width and height of TIFF files, read once per file version (thread-safe, bounded)."""
 
     def __init__(self, size: int = _DIMENSIONS_CACHE_SIZE) -> None:
-        self._entries: OrderedDict[tuple[str, int, int], tuple[int, int] | None] = OrderedDict()
+        self._entries: OrderedDict[tuple[str, int, int], tuple[int, int, int] | None] = (
+            OrderedDict()
+        )
         self._size = size
         self._lock = threading.Lock()
 
-    def get(self, path: str, st: os.stat_result) -> tuple[int, int] | None:
+    def get(self, path: str, st: os.stat_result) -> tuple[int, int, int] | None:
         key = (path, st.st_mtime_ns, st.st_size)
         with self._lock:
             if key in self._entries:
@@ -48,7 +50,8 @@ class _Dimensions:
             with tifffile.TiffFile(path) as tif:
                 page = tif.pages[0]
                 shape = page.shaped  # (separate samples, depth, length, width, contig samples)
-                value: tuple[int, int] | None = (int(shape[3]), int(shape[2]))
+                channels = int(shape[0]) * int(shape[4])
+                value: tuple[int, int, int] | None = (int(shape[3]), int(shape[2]), channels)
         except Exception:  # not a TIFF after all, unreadable, truncated…
             value = None
         with self._lock:
@@ -91,19 +94,44 @@ def list_images(
             continue
         size = dimensions.get(path, st) if dimensions is not None else None
         if size is not None:
-            entry["width"], entry["height"] = size
+            entry["width"], entry["height"], entry["channels"] = size
         entries.append(entry)
     return entries, truncated
 
 
-def create_site(data_root: str) -> Flask:
+def create_site(data_root: str, client_root: Path | None = None) -> Flask:
     """Build the Flask application for ``data_root`` (the server's FILESYSTEM_PREFIX).
 
     Routes: ``/`` (viewer page), ``/images`` (JSON list of images), ``/health`` (JSON status)
-    and ``/static/<file>``.
+    and ``/static/<file>``; with the VisiOmatic client in ``client_root`` also ``/visiomatic``
+    (the VisiOmatic 3 page, ``?image=<path>&mode=mono|color``) and ``/client/<file>``.
     """
     site = Flask(__name__, static_folder=str(STATIC_DIR), static_url_path="/static")
     dimensions = _Dimensions()
+
+    @site.get("/visiomatic")
+    def visiomatic() -> Response:
+        if client_root is None:
+            return Response("VisiOmatic client not installed\n", 404, mimetype="text/plain")
+        response = send_from_directory(STATIC_DIR, "visiomatic.html")
+        response.cache_control.no_cache = True
+        return response
+
+    @site.get("/client/<path:name>")
+    def client_file(name: str) -> Response:
+        if client_root is None:
+            return Response("VisiOmatic client not installed\n", 404, mimetype="text/plain")
+        response = send_from_directory(client_root, name)
+        response.cache_control.max_age = 86400
+        return response
+
+    @site.get("/favicon.ico")
+    def favicon() -> Response:
+        return Response(status=204)
+
+    @site.get("/config")
+    def config() -> Response:
+        return jsonify({"visiomatic": client_root is not None})
 
     @site.get("/")
     def index() -> Response:

@@ -181,7 +181,9 @@
       return a[1].used - b[1].used;
     });
     for (let i = 0; i < entries.length - MAX_TILES; i++) {
-      entries[i][1].img.src = "";
+      const img = entries[i][1].img;
+      img.onload = img.onerror = null;  // clearing src fires "error": not a failed tile
+      img.src = "";
       tiles.delete(entries[i][0]);
     }
   }
@@ -263,6 +265,19 @@
         size.textContent = entry.width + " × " + entry.height;
         li.appendChild(size);
       }
+      if (visiomatic) {
+        const links = document.createElement("span");
+        links.className = "links";
+        const modes = (entry.channels || 1) > 1 ? ["mono", "color"] : ["mono"];
+        for (const mode of modes) {
+          const a = document.createElement("a");
+          a.href = "visiomatic?image=" + encodeURIComponent(entry.path) + "&mode=" + mode;
+          a.textContent = modes.length > 1 ? "VisiOmatic " + mode : "VisiOmatic";
+          a.addEventListener("click", function (event) { event.stopPropagation(); });
+          links.appendChild(a);
+        }
+        li.appendChild(links);
+      }
       li.addEventListener("click", function () {
         open(entry.path);
       });
@@ -270,13 +285,21 @@
     }
   }
 
+  let visiomatic = false;
+
   function initialImage(entries) {
     const match = /(?:^|[#&])image=([^&]*)/.exec(location.hash);
     if (match) return decodeURIComponent(match[1]);
     return entries.length ? entries[0].path : null;
   }
 
-  fetch("images")
+  fetch("config")
+    .then(function (response) { return response.ok ? response.json() : {}; })
+    .catch(function () { return {}; })
+    .then(function (config) {
+      visiomatic = !!config.visiomatic;
+      return fetch("images");
+    })
     .then(function (response) {
       if (!response.ok) throw new Error("HTTP " + response.status);
       return response.json();
