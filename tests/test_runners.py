@@ -23,8 +23,8 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import pytest
 import numpy as np
+import pytest
 import tifffile
 
 from iipserver import __version__, demo, logs
