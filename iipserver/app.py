@@ -15,13 +15,15 @@ from iipserver.errors import (
     NotImplementedCommand,
     NotModified,
     ProtocolError,
+    VisiomaticError,
 )
 from iipserver.pipeline import Pipeline
 from iipserver.protocol import responses
-from iipserver.protocol.commands import parse
+from iipserver.protocol.commands import parse_tokens
 from iipserver.protocol.iip import Session
-from iipserver.protocol.query import request_string
+from iipserver.protocol.query import request_string, tokenize
 from iipserver.protocol.responses import Response
+from iipserver.protocol.visiomatic import VisiomaticSession, is_visiomatic
 from iipserver.settings import Settings
 from iipserver.sources.pool import SourcePool
 
@@ -35,6 +37,7 @@ ErrorRenderer = Callable[[Settings, Any], Response]
 #: Error class → response, checked in order (subclasses before their bases).
 ERROR_RESPONSES: list[tuple[type[BaseException], ErrorRenderer]] = [
     (ProtocolError, lambda s, e: responses.iip_error_response(s, e.lines)),
+    (VisiomaticError, lambda s, e: responses.json_error_response(s, e.status, e.detail())),
     (NotModified, lambda s, e: responses.not_modified(s, e.last_modified)),
     (BannerError, lambda s, e: responses.banner_response(s, e.status)),
     (NotFound, lambda s, e: responses.text_error_response(s, 404, e.message)),
@@ -73,6 +76,9 @@ class IIPApp:
                 request = self._post_body(environ)
             if not request:
                 return responses.banner_response(self.settings, 400)
+            tokens = tokenize(request)
+            if is_visiomatic(tokens):
+                return VisiomaticSession(self.settings, self.pool, self.pipeline).run(tokens)
             session = Session(
                 self.settings,
                 self.pool,
@@ -80,7 +86,7 @@ class IIPApp:
                 request,
                 environ.get("HTTP_IF_MODIFIED_SINCE"),
             )
-            return session.run(parse(request))
+            return session.run(parse_tokens(tokens))
         except Exception as exc:  # the only place errors become responses
             return self.error_response(exc)
 

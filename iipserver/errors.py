@@ -75,6 +75,30 @@ class ImageReadError(NotFound):
     """The image file could not be read (corrupt, truncated, replaced while open)."""
 
 
+class VisiomaticError(IIPServerError):
+    """An error in the VisiOmatic 3 dialect, answered as JSON ``{"detail": [...]}``."""
+
+    def __init__(
+        self, status: int, message: str, loc: str | None = None, raw: str | None = None,
+        kind: str = "value_error",
+    ) -> None:  # fmt: skip
+        super().__init__(message)
+        self.status = status
+        self.loc = loc
+        self.raw = raw
+        self.kind = kind
+
+    def detail(self) -> dict[str, object]:
+        """The FastAPI-style error entry."""
+        entry: dict[str, object] = {"type": self.kind}
+        if self.loc is not None:
+            entry["loc"] = ["query", self.loc]
+        entry["msg"] = self.message
+        if self.raw is not None:
+            entry["input"] = self.raw
+        return entry
+
+
 class NotImplementedCommand(IIPServerError):
     """A command of the IIP protocol that this server does not implement yet."""
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 CARD = 80
@@ -107,7 +108,7 @@ def values(cards: list[Card]) -> dict[str, FitsValue]:
     return {c.key: c.parsed() for c in cards if c.value is not None}
 
 
-def cd_matrix(header: dict[str, FitsValue]) -> dict[str, float] | None:
+def cd_matrix(header: Mapping[str, FitsValue]) -> dict[str, float] | None:
     """The CD matrix for a header that gives CDELT (with PC or CROTA2) but no CD; else None."""
     if any(k in header for k in ("CD1_1", "CD1_2", "CD2_1", "CD2_2")):
         return None
@@ -224,3 +225,41 @@ def minimal_header(width: int, height: int, channels: int, bits: int, is_float: 
     ]
     text = "".join(cards)
     return text.ljust(-(-len(text) // 2880) * 2880)
+
+
+def header_dict(cards: list[Card]) -> dict[str, FitsValue]:
+    """Keyword → value as astropy's ``dict(header.items())`` gives it: commentary cards
+    (COMMENT, HISTORY, blank keyword) map to their text; a repeated key keeps its first
+    position and its last value."""
+    out: dict[str, FitsValue] = {}
+    for card in cards:
+        out[card.key] = card.comment.strip() if card.value is None else card.parsed()
+    return out
+
+
+_WCS_MATRIX = re.compile(r"^(CDELT\d|CROTA\d|PC\d_\d|PC0\d\d0\d\d)$")
+
+
+def display_header(
+    cards: list[Card], width: int, height: int, channels: int
+) -> dict[str, FitsValue]:
+    """The merged header VisiOmatic 3 advertises: sizes set, a CD matrix, no CDELT/PC/CROTA.
+
+    New keys go after the last valued card (before trailing commentary cards), as astropy
+    appends them.
+    """
+    header = header_dict(cards)
+    commentary = {k: header.pop(k) for k in [k for k in header if k in _COMMENTARY]}
+    header.update({"NAXIS1": width, "NAXIS2": height, "NAXIS3": channels})
+    valued = {k: v for k, v in header.items() if v is not None}
+    cd = cd_matrix(valued)
+    if cd is None and not any(k in valued for k in ("CD1_1", "CD1_2", "CD2_1", "CD2_2")):
+        header.setdefault("CRPIX1", 1)
+        header.setdefault("CRPIX2", 1)
+        cd = {"CD1_1": 1.0, "CD1_2": 0.0, "CD2_1": 0.0, "CD2_2": 1.0}
+    if cd is not None:
+        header.update(cd)
+    for key in [k for k in header if _WCS_MATRIX.match(k)]:
+        del header[key]
+    header.update(commentary)
+    return header

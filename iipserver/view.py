@@ -52,6 +52,21 @@ class Rendering:
 
 
 @dataclass(frozen=True)
+class Display:
+    """VisiOmatic 3 display settings of one request (policy §3); hashable."""
+
+    channel: int | None
+    """1-based channel for mono mode; None for colour mode."""
+    cuts: tuple[tuple[float, float], ...]
+    matrix: tuple[tuple[float, ...], ...]
+    brightness: float
+    contrast: float
+    gamma: float
+    invert: bool
+    colormap: str
+
+
+@dataclass(frozen=True)
 class ImageSequence:
     """An image sequence: files ``<stem><x:03d>_<y:03d>.<extension>`` and their angles."""
 

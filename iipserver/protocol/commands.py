@@ -450,6 +450,11 @@ def parse_token(token: Token) -> Command:
         return Invalid(token.key, exc)
 
 
+def parse_tokens(tokens: list[Token]) -> list[Command]:
+    """Parse tokens into commands, in request order."""
+    return [parse_token(token) for token in tokens]
+
+
 def parse(request: str) -> list[Command]:
     """Parse a whole request string into commands, in request order."""
-    return [parse_token(token) for token in tokenize(request)]
+    return parse_tokens(tokenize(request))

@@ -177,6 +177,21 @@ def iip_error_response(settings: Settings, errors: Sequence[tuple[str, str]]) ->
     return Response(400, headers, body)
 
 
+def json_error_response(settings: Settings, status: int, detail: dict[str, object]) -> Response:
+    """VisiOmatic 3 dialect error: ``{"detail": [entry]}`` (FastAPI's shape), JSON."""
+    import json
+
+    body = json.dumps({"detail": [detail]}, separators=(",", ":"), ensure_ascii=False).encode()
+    headers = [
+        ("Server", SERVER),
+        ("Content-Type", "application/json"),
+        ("Content-Length", str(len(body))),
+        ("Cache-Control", "no-cache"),
+    ]
+    headers += cors_headers(settings)
+    return Response(status, headers, body)
+
+
 def text_error_response(settings: Settings, status: int, message: str) -> Response:
     """Plain-text error (404 missing image or tile, 400 bad parameter, 500 fault)."""
     body = message.encode("utf-8", "replace")
