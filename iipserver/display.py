@@ -31,13 +31,15 @@ def background(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """
     x = rows.astype(_F32)
     with np.errstate(all="ignore"):
-        norm = np.abs(np.nanmean(x))
+        # means accumulate in double and are stored as float: float32 pairwise sums differ
+        # between numpy releases, the correctly rounded mean does not
+        norm = _F32(abs(np.nanmean(x, dtype=np.float64)))
         if norm > 0.0:
             x /= norm
         else:
             norm = _F32(1.0)
         med = np.nanmedian(x, axis=1, keepdims=True)
-        std = np.nanstd(x, axis=1)
+        std = np.nanstd(x, axis=1, dtype=np.float64).astype(_F32)
         ax = np.abs(x - med)
         mad = np.nanmedian(ax, axis=1, keepdims=True)
         x[ax > 3.0 * mad] = np.nan
@@ -46,7 +48,7 @@ def background(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         mad = np.nanmedian(ax, axis=1)
         tiny = 1e5 * mad < std
         mad[tiny] = 0.1 * std[tiny]
-        level = norm * np.nanmean(3.5 * med - 2.5 * x, axis=1)
+        level = norm * np.nanmean(3.5 * med - 2.5 * x, axis=1, dtype=np.float64).astype(_F32)
     return np.asarray(level, dtype=_F32), np.asarray(norm * mad, dtype=_F32)
 
 
