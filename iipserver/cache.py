@@ -10,6 +10,8 @@ from typing import Generic, TypeVar
 import numpy as np
 
 V = TypeVar("V", bytes, np.ndarray)
+K = TypeVar("K", bound=Hashable)
+T = TypeVar("T")
 
 #: Bookkeeping bytes charged per entry on top of its data.
 ENTRY_OVERHEAD = 200
@@ -73,6 +75,39 @@ class ByteLRU(Generic[V]):
     def size(self) -> int:
         """Bytes currently charged."""
         return self._bytes
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+class EntryLRU(Generic[K, T]):
+    """Least-recently-used map holding at most ``limit`` entries; thread-safe."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = max(1, int(limit))
+        self._items: OrderedDict[K, T] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: K) -> T | None:
+        """Return the value for ``key`` and mark it recently used, or None."""
+        with self._lock:
+            value = self._items.get(key)
+            if value is not None:
+                self._items.move_to_end(key)
+            return value
+
+    def put(self, key: K, value: T) -> None:
+        """Store ``value``, evicting the least recently used entries beyond the limit."""
+        with self._lock:
+            self._items[key] = value
+            self._items.move_to_end(key)
+            while len(self._items) > self.limit:
+                self._items.popitem(last=False)
+
+    def clear(self) -> None:
+        """Drop every entry."""
+        with self._lock:
+            self._items.clear()
 
     def __len__(self) -> int:
         return len(self._items)

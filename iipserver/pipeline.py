@@ -3,19 +3,17 @@
 from __future__ import annotations
 
 import logging
-import threading
 import time
-from collections import OrderedDict
 from dataclasses import dataclass, replace
 
 import numpy as np
 
 from iipserver import display as vdisplay
 from iipserver import transforms
-from iipserver.cache import ByteLRU
+from iipserver.cache import ByteLRU, EntryLRU
 from iipserver.encoders import Encoded, encode
 from iipserver.errors import BadRequest
-from iipserver.sources.base import SourceInfo
+from iipserver.sources.base import SourceInfo, composite
 from iipserver.sources.pool import OpenedImage
 from iipserver.view import Display, Rendering
 from iipserver.viewport import Plan
@@ -25,8 +23,8 @@ log = logging.getLogger(__name__)
 #: Largest region output (bytes of 8-bit pixels) one request may build.
 REGION_BUDGET = 256 * 1024 * 1024
 
-#: Images whose histogram (for CNT=eq|st and COL=binary) is remembered.
-HISTOGRAMS_KEPT = 1000
+#: Images whose histogram (CNT=eq|st, COL=binary) and background statistics are remembered.
+IMAGES_KEPT = 1000
 
 #: Tiles rendered with one tone curve before its lookup table is built (a table costs
 #: 30-130 ms once and then saves 50-75 % per tile; a slider drag must not build one per value).
@@ -103,19 +101,15 @@ class Pipeline:
     def __init__(self, cache_bytes: int, interpolation: int = 1) -> None:
         self.raw_tiles: ByteLRU[np.ndarray] = ByteLRU(cache_bytes)
         self.interpolation = interpolation
-        self._histograms: OrderedDict[tuple[str, int, int], Histogram] = OrderedDict()
-        self._tone_uses: OrderedDict[transforms.Tone, int] = OrderedDict()
-        self._backgrounds: OrderedDict[tuple[str, int, int], Background] = OrderedDict()
-        self._lock = threading.Lock()
+        self._histograms: EntryLRU[tuple[str, int, int], Histogram] = EntryLRU(IMAGES_KEPT)
+        self._backgrounds: EntryLRU[tuple[str, int, int], Background] = EntryLRU(IMAGES_KEPT)
+        self._tone_uses: EntryLRU[transforms.Tone, int] = EntryLRU(256)
 
     def use_table(self, rendering: Rendering) -> bool:
         """Count a use of the rendering's tone curve; True once it has been used enough."""
         tone = tone_of(rendering)
-        with self._lock:
-            uses = self._tone_uses.pop(tone, 0) + 1
-            self._tone_uses[tone] = uses
-            while len(self._tone_uses) > 256:
-                self._tone_uses.popitem(last=False)
+        uses = (self._tone_uses.get(tone) or 0) + 1
+        self._tone_uses.put(tone, uses)
         return uses >= TABLE_AFTER_USES
 
     def raw_tile(self, image: OpenedImage, resolution: int, index: int) -> np.ndarray:
@@ -132,26 +126,18 @@ class Pipeline:
     ) -> np.ndarray:
         """Return a rectangle of one level composited from (cached) tiles of that level."""
         info = image.source.info
-        level = info.levels[resolution]
-        tw, th = level.tile_width, level.tile_height
-        x1, y1 = min(level.width, x + width), min(level.height, y + height)
-        out = np.empty((y1 - y, x1 - x, info.channels), dtype=info.dtype)
-        for ty in range(y // th, (y1 - 1) // th + 1):
-            for tx in range(x // tw, (x1 - 1) // tw + 1):
-                tile = self.raw_tile(image, resolution, ty * level.tiles_across + tx)
-                bx, by = tx * tw, ty * th
-                sx0, sy0 = max(x, bx), max(y, by)
-                sx1, sy1 = min(x1, bx + tile.shape[1]), min(y1, by + tile.shape[0])
-                out[sy0 - y : sy1 - y, sx0 - x : sx1 - x] = tile[
-                    sy0 - by : sy1 - by, sx0 - bx : sx1 - bx
-                ]
-        return out
+        return composite(
+            info.levels[resolution],
+            lambda index: self.raw_tile(image, resolution, index),
+            (x, y, width, height),
+            info.channels,
+            info.dtype,
+        )
 
     def histogram(self, image: OpenedImage) -> Histogram:
         """The image's histogram: tile 0 of the smallest level, >8-bit data quantised first."""
         key = (image.path, image.stamp.mtime_ns, image.stamp.size)
-        with self._lock:
-            found = self._histograms.get(key)
+        found = self._histograms.get(key)
         if found is not None:
             return found
         info = image.source.info
@@ -162,18 +148,14 @@ class Pipeline:
             tile = transforms.quantise(transforms.normalise(tile, info.min_values, info.max_values))
         counts = transforms.histogram(tile)
         made = Histogram(counts, transforms.otsu(counts))
-        with self._lock:
-            self._histograms[key] = made
-            while len(self._histograms) > HISTOGRAMS_KEPT:
-                self._histograms.popitem(last=False)
+        self._histograms.put(key, made)
         return made
 
     def background(self, image: OpenedImage) -> Background:
         """Background level, MAD and default cuts (VisiOmatic 3's), from every 16th row of the
         full-resolution level counted from the bottom (FITS row 1); cached per file version."""
         key = (image.path, image.stamp.mtime_ns, image.stamp.size)
-        with self._lock:
-            found = self._backgrounds.get(key)
+        found = self._backgrounds.get(key)
         if found is not None:
             return found
         info = image.source.info
@@ -190,10 +172,7 @@ class Pipeline:
         planes = np.moveaxis(data, 2, 0).reshape(info.channels, -1)
         bg_level, mad = vdisplay.background(planes)
         made = Background(bg_level, mad, vdisplay.default_cuts(bg_level, mad))
-        with self._lock:
-            self._backgrounds[key] = made
-            while len(self._backgrounds) > HISTOGRAMS_KEPT:
-                self._backgrounds.popitem(last=False)
+        self._backgrounds.put(key, made)
         return made
 
     @staticmethod
@@ -293,7 +272,6 @@ class Pipeline:
     def clear(self) -> None:
         """Empty the tile cache and the histograms."""
         self.raw_tiles.clear()
-        with self._lock:
-            self._histograms.clear()
-            self._tone_uses.clear()
-            self._backgrounds.clear()
+        self._histograms.clear()
+        self._tone_uses.clear()
+        self._backgrounds.clear()

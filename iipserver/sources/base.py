@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -93,6 +94,36 @@ class SourceInfo:
     def tile_size(self) -> tuple[int, int]:
         """Tile width and height of the full-resolution level."""
         return self.levels[-1].tile_width, self.levels[-1].tile_height
+
+
+def composite(
+    level: Level,
+    read_tile: Callable[[int], np.ndarray],
+    box: tuple[int, int, int, int],
+    channels: int,
+    dtype: str,
+) -> np.ndarray:
+    """Assemble the rectangle ``box`` = (x, y, width, height) of a level from its tiles.
+
+    ``read_tile(index)`` returns a (cropped) tile; the box is clipped to the level.
+    """
+    x, y, width, height = box
+    x0, y0 = max(0, x), max(0, y)
+    x1, y1 = min(level.width, x + width), min(level.height, y + height)
+    if x1 <= x0 or y1 <= y0:
+        return np.zeros((0, 0, channels), dtype=dtype)
+    tw, th = level.tile_width, level.tile_height
+    out = np.empty((y1 - y0, x1 - x0, channels), dtype=dtype)
+    for ty in range(y0 // th, (y1 - 1) // th + 1):
+        for tx in range(x0 // tw, (x1 - 1) // tw + 1):
+            tile = read_tile(ty * level.tiles_across + tx)
+            bx, by = tx * tw, ty * th
+            sx0, sy0 = max(x0, bx), max(y0, by)
+            sx1, sy1 = min(x1, bx + tile.shape[1]), min(y1, by + tile.shape[0])
+            out[sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0] = tile[
+                sy0 - by : sy1 - by, sx0 - bx : sx1 - bx
+            ]
+    return out
 
 
 class ImageSource(Protocol):

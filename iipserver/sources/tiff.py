@@ -13,7 +13,7 @@ import numpy as np
 import tifffile
 
 from iipserver.errors import ImageReadError, ResolutionNotFound, TileNotFound
-from iipserver.sources.base import Level, SourceInfo
+from iipserver.sources.base import Level, SourceInfo, composite
 
 log = logging.getLogger(__name__)
 
@@ -313,7 +313,13 @@ class TiffSource:
         if x1 <= x0 or y1 <= y0:
             return np.zeros((0, 0, self.info.channels), dtype=self.info.dtype)
         if page.is_tiled:
-            return self._region_from_tiles(resolution, x0, y0, x1, y1)
+            return composite(
+                level,
+                lambda index: self.read_tile(resolution, index),
+                (x0, y0, x1 - x0, y1 - y0),
+                self.info.channels,
+                self.info.dtype,
+            )
         try:
             with tifffile.TiffFile(self.path) as tif:
                 store = self._reopen_page(tif, page).aszarr()
@@ -335,18 +341,3 @@ class TiffSource:
             tif.filehandle.seek(page.offset)
             return tifffile.TiffPage(tif, index=index)
         return tif.pages[index].aspage()
-
-    def _region_from_tiles(self, resolution: int, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
-        level = self.info.levels[resolution]
-        tw, th = level.tile_width, level.tile_height
-        out = np.empty((y1 - y0, x1 - x0, self.info.channels), dtype=self.info.dtype)
-        for ty in range(y0 // th, (y1 - 1) // th + 1):
-            for tx in range(x0 // tw, (x1 - 1) // tw + 1):
-                tile = self.read_tile(resolution, ty * level.tiles_across + tx)
-                bx, by = tx * tw, ty * th
-                sx0, sy0 = max(x0, bx), max(y0, by)
-                sx1, sy1 = min(x1, bx + tile.shape[1]), min(y1, by + tile.shape[0])
-                out[sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0] = tile[
-                    sy0 - by : sy1 - by, sx0 - bx : sx1 - bx
-                ]
-        return out
