@@ -29,6 +29,8 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
+from processes import CHROMIUM, LAUNCH_ARGS
+from processes import children as _children
 
 from iipserver import demo
 
@@ -43,16 +45,6 @@ sync_api = pytest.importorskip(
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parent.parent
-CHROMIUM = Path("/usr/bin/chromium")
-LAUNCH_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 #: The canvas is this minus the 280-pixel side bar: 520 × 500. Every demo image then opens
 #: ("fit") below its full-resolution level, so that zooming in must fetch a larger one.
 VIEWPORT = {"width": 800, "height": 500}
@@ -89,22 +81,6 @@ CANVAS_STATS = """([br, bg, bb]) => {
 
 
 # -- the server -----------------------------------------------------------------------------
-
-
-def _children(pid: int) -> set[int]:
-    """Pids whose parent is ``pid`` (from /proc)."""
-    found = set()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                fields = f.read().rsplit(b")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid and fields[0] != b"Z":
-            found.add(int(entry))
-    return found
 
 
 @dataclass

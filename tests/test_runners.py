@@ -26,6 +26,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
+from processes import children as _children
+from processes import wait_for as _wait_for
 
 from iipserver import __version__, demo, logs
 from iipserver.errors import ConfigError
@@ -48,30 +50,6 @@ def _base_env(**extra: str) -> dict[str, str]:
     env.update(VERBOSITY="2", OMP_NUM_THREADS="1")
     env.update(extra)
     return env
-
-
-def _children(pid: int) -> set[int]:
-    """Pids whose parent is ``pid`` (from /proc)."""
-    found = set()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                fields = f.read().rsplit(b")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid and fields[0] != b"Z":
-            found.add(int(entry))
-    return found
-
-
-def _wait_for(predicate: Callable[[], object], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 class Server:

@@ -32,6 +32,8 @@ import imagecodecs
 import numpy as np
 import pytest
 from images import pyramid_levels, star_field, write_pyramid
+from processes import CHROMIUM, LAUNCH_ARGS
+from processes import children as _children
 
 from iipserver import client
 
@@ -46,16 +48,6 @@ sync_api = pytest.importorskip(
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parent.parent
-CHROMIUM = Path("/usr/bin/chromium")
-LAUNCH_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 VIEWPORT = {"width": 900, "height": 650}
 BANNER = re.compile(r"server on http://(?P<address>\S+?)/?[,)]")
 START_TIMEOUT = 30.0
@@ -172,22 +164,6 @@ def client_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         pytest.skip(f"cannot fetch the VisiOmatic client from PyPI/npm (offline?): {exc!r}")
     assert client.installed(directory)
     return directory
-
-
-def _children(pid: int) -> set[int]:
-    """Live pids whose parent is ``pid`` (from /proc)."""
-    found = set()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                fields = f.read().rsplit(b")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid and fields[0] != b"Z":
-            found.add(int(entry))
-    return found
 
 
 @dataclass
