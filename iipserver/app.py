@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from iipserver import __version__
+from iipserver.cache import NoSharedCache, shared_cache, shared_key
 from iipserver.errors import (
     BadRequest,
     BannerError,
@@ -20,12 +25,13 @@ from iipserver.errors import (
 from iipserver.pipeline import Pipeline
 from iipserver.protocol import responses
 from iipserver.protocol.commands import parse_tokens
-from iipserver.protocol.iip import Session
-from iipserver.protocol.query import request_string, tokenize
+from iipserver.protocol.iip import Session, parse_http_date
+from iipserver.protocol.query import Token, request_string, tokenize, url_decode
 from iipserver.protocol.responses import Response
 from iipserver.protocol.visiomatic import VisiomaticSession, is_visiomatic
 from iipserver.settings import Settings
-from iipserver.sources.pool import SourcePool
+from iipserver.sources import paths
+from iipserver.sources.pool import FileStamp, SourcePool
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +63,11 @@ class IIPApp:
         self.pipeline = Pipeline(
             int(settings.max_image_cache_size * 1_024_000), settings.interpolation
         )
+        self.shared = shared_cache(settings.memcached_servers, settings.memcached_timeout)
+        self.requests = 0
+        # responses depend on the settings and the version: keys and ETags carry both
+        described = repr(sorted(settings.describe())) + __version__
+        self._fingerprint = hashlib.blake2b(described.encode(), digest_size=6).hexdigest()
 
     def clear_caches(self) -> None:
         """Empty every in-process cache (on SIGHUP)."""
@@ -77,18 +88,95 @@ class IIPApp:
             if not request:
                 return responses.banner_response(self.settings, 400)
             tokens = tokenize(request)
-            if is_visiomatic(tokens):
-                return VisiomaticSession(self.settings, self.pool, self.pipeline).run(tokens)
-            session = Session(
-                self.settings,
-                self.pool,
-                self.pipeline,
-                request,
-                environ.get("HTTP_IF_MODIFIED_SINCE"),
-            )
-            return session.run(parse_tokens(tokens))
+            if self.settings.status_endpoint and request.upper() == "STATUS":
+                return self._status()
+            material = self._key_material(tokens, request)
+            key = None if material is None else shared_key(self.settings.memcached_prefix, material)
+            if key is not None:
+                stored = self.shared.get(key)
+                found = None if stored is None else Response.unpack(stored)
+                if found is not None:
+                    found.cache = "hit"
+                    return self._conditional(environ, found)
+            response = self._answer(environ, request, tokens)
+            if material is not None and response.status == 200:
+                etag = '"' + hashlib.blake2b(material.encode("utf-8", "surrogateescape"),
+                                             digest_size=12).hexdigest() + '"'  # fmt: skip
+                response.headers.append(("ETag", etag))
+                if key is not None and not isinstance(self.shared, NoSharedCache):
+                    self.shared.set(key, response.pack())
+                    response.cache = "store"
+            return self._conditional(environ, response)
         except Exception as exc:  # the only place errors become responses
             return self.error_response(exc)
+
+    def _answer(self, environ: dict[str, Any], request: str, tokens: list[Token]) -> Response:
+        if is_visiomatic(tokens):
+            return VisiomaticSession(self.settings, self.pool, self.pipeline).run(tokens)
+        session = Session(
+            self.settings,
+            self.pool,
+            self.pipeline,
+            request,
+            environ.get("HTTP_IF_MODIFIED_SINCE"),
+        )
+        return session.run(parse_tokens(tokens))
+
+    def _key_material(self, tokens: list[Token], request: str) -> str | None:
+        """What a response depends on: the image file's real path, mtime and size, the
+        settings and the request; None when the request names no readable image file."""
+        fif = next((t for t in tokens if t.key == "fif"), None)
+        if fif is None:
+            return None
+        prefix, suffix = self.settings.filesystem_prefix, self.settings.filesystem_suffix
+        try:
+            real = paths.resolve(url_decode(fif.argument), prefix, suffix)
+            stamp = FileStamp.of(real)
+        except (IIPServerError, OSError):
+            return None
+        return f"{self._fingerprint}:{stamp.mtime_ns}:{stamp.size}:{real}:{request}"
+
+    def _conditional(self, environ: dict[str, Any], response: Response) -> Response:
+        """Answer 304 when the client's copy is current (If-None-Match, then If-Modified-Since)."""
+        if response.status != 200:
+            return response
+        etag, modified = response.header("ETag"), response.header("Last-Modified")
+        match = environ.get("HTTP_IF_NONE_MATCH")
+        since = environ.get("HTTP_IF_MODIFIED_SINCE")
+        fresh = False
+        if match and etag:
+            fresh = match.strip() == "*" or etag in [m.strip() for m in match.split(",")]
+        elif since and modified and response.cache == "hit":
+            when, stamp = parse_http_date(since), parse_http_date(modified)
+            fresh = when is not None and stamp is not None and stamp <= when
+        if not fresh or modified is None:
+            return response
+        answer = responses.not_modified(self.settings, modified, etag)
+        answer.cache = response.cache
+        return answer
+
+    def _status(self) -> Response:
+        """This worker's counters, as JSON (the ``STATUS_ENDPOINT`` setting)."""
+        tiles = self.pipeline.raw_tiles
+        body = {
+            "version": __version__,
+            "pid": os.getpid(),
+            "requests": self.requests,
+            "tile_cache": {
+                "entries": len(tiles), "bytes": tiles.size, "limit": tiles.limit,
+                "hits": tiles.hits, "misses": tiles.misses, "evictions": tiles.evictions,
+            },
+            "metadata_cache": {
+                "entries": len(self.pool), "hits": self.pool.hits, "misses": self.pool.misses,
+            },
+            "shared_cache": self.shared.stats(),
+        }  # fmt: skip
+        data = json.dumps(body, separators=(",", ":")).encode()
+        response = responses.data_response(self.settings, data, "application/json", time.time())
+        response.headers = [
+            (k, "no-cache" if k == "Cache-Control" else v) for k, v in response.headers
+        ]
+        return response
 
     def error_response(self, exc: Exception) -> Response:
         """Render ``exc`` in the protocol's own error format."""
@@ -121,16 +209,18 @@ class IIPApp:
     ) -> Iterable[bytes]:
         """WSGI entry point."""
         started = time.perf_counter()
+        self.requests += 1
         response = self.handle(environ)
         start_response(response.status_line, response.headers)
         if log.isEnabledFor(logging.INFO):
             log.info(
-                "%s %s -> %d (%d bytes, %.1f ms)",
+                "%s %s -> %d (%d bytes, %.1f ms%s)",
                 environ.get("REQUEST_METHOD", "GET"),
                 environ.get("QUERY_STRING", ""),
                 response.status,
                 len(response.body),
                 (time.perf_counter() - started) * 1e3,
+                f", shared cache {response.cache}" if response.cache else "",
             )
         if str(environ.get("REQUEST_METHOD", "GET")).upper() == "HEAD":
             return [b""]

@@ -1,17 +1,23 @@
-"""In-process caches: a thread-safe LRU bounded by the bytes of what it holds."""
+"""Caches: in-process LRUs (by bytes, by entries) and the shared memcached response cache."""
 
 from __future__ import annotations
 
+import hashlib
+import logging
+import os
+import re
 import threading
 from collections import OrderedDict
-from collections.abc import Hashable
-from typing import Generic, TypeVar
+from collections.abc import Hashable, Sequence
+from typing import Any, Generic, Protocol, TypeVar
 
 import numpy as np
 
 V = TypeVar("V", bytes, np.ndarray)
 K = TypeVar("K", bound=Hashable)
 T = TypeVar("T")
+
+log = logging.getLogger(__name__)
 
 #: Bookkeeping bytes charged per entry on top of its data.
 ENTRY_OVERHEAD = 200
@@ -111,3 +117,128 @@ class EntryLRU(Generic[K, T]):
 
     def __len__(self) -> int:
         return len(self._items)
+
+
+class SharedCache(Protocol):
+    """A cache of whole encoded responses shared by processes and machines (fail-open)."""
+
+    def get(self, key: str) -> bytes | None:
+        """Return the stored value or None (a miss, or the cache is unreachable)."""
+        ...
+
+    def set(self, key: str, value: bytes) -> None:
+        """Store ``value``; failures are counted and ignored."""
+        ...
+
+    def stats(self) -> dict[str, int]:
+        """Counters of this process."""
+        ...
+
+
+class NoSharedCache:
+    """The shared cache turned off."""
+
+    def get(self, key: str) -> bytes | None:
+        """Always a miss."""
+        return None
+
+    def set(self, key: str, value: bytes) -> None:
+        """Store nothing."""
+
+    def stats(self) -> dict[str, int]:
+        """No counters."""
+        return {}
+
+
+#: memcached's longest key, in bytes.
+MAX_KEY = 250
+_SAFE_KEY = re.compile(r"^[\x21-\x7e]+$")
+
+
+def shared_key(prefix: str, material: str) -> str:
+    """A memcached key: ``prefix:material`` when it is short and printable, else hashed."""
+    key = f"{prefix}:{material}"
+    if len(key.encode()) <= MAX_KEY and _SAFE_KEY.match(key):
+        return key
+    digest = hashlib.sha256(material.encode("utf-8", "surrogateescape")).hexdigest()
+    return f"{prefix}:sha256:{digest}"
+
+
+class MemcachedCache:
+    """memcached through pylibmc: consistent hashing over ``servers``, binary protocol, no
+    delay, short timeouts; an unreachable server is a miss and is retried after a second.
+
+    Clients are made per thread and after fork, on first use.
+    """
+
+    BEHAVIORS = {
+        "tcp_nodelay": True,
+        "ketama": True,
+        "connect_timeout": 50,  # ms
+        "send_timeout": 100_000,  # µs
+        "receive_timeout": 100_000,  # µs
+        "retry_timeout": 1,  # s before a failed server is tried again
+        "dead_timeout": 1,
+    }
+
+    def __init__(self, servers: Sequence[str], expiry: int) -> None:
+        self.servers = list(servers)
+        self.expiry = int(expiry)
+        self._local = threading.local()
+        self._pid = os.getpid()
+        self.counts = {"hits": 0, "misses": 0, "stores": 0, "errors": 0, "too_big": 0}
+
+    def _client(self) -> Any:
+        client = getattr(self._local, "client", None)
+        if client is None or self._pid != os.getpid():
+            import pylibmc
+
+            self._pid = os.getpid()
+            client = pylibmc.Client(self.servers, binary=True, behaviors=self.BEHAVIORS)
+            self._local.client = client
+        return client
+
+    def get(self, key: str) -> bytes | None:
+        """Return the stored value or None; errors count and are a miss."""
+        import pylibmc
+
+        try:
+            value = self._client().get(key)
+        except pylibmc.Error as exc:
+            self.counts["errors"] += 1
+            log.debug("memcached get failed: %s", exc)
+            return None
+        self.counts["hits" if value is not None else "misses"] += 1
+        return None if value is None else bytes(value)
+
+    def set(self, key: str, value: bytes) -> None:
+        """Store ``value`` for the expiry; a value too big for memcached is skipped."""
+        import pylibmc
+
+        try:
+            self._client().set(key, value, time=self.expiry)
+            self.counts["stores"] += 1
+        except pylibmc.TooBig:
+            self.counts["too_big"] += 1
+        except pylibmc.Error as exc:
+            self.counts["errors"] += 1
+            log.debug("memcached set failed: %s", exc)
+
+    def stats(self) -> dict[str, int]:
+        """Counters of this process."""
+        return dict(self.counts)
+
+
+def parse_servers(text: str) -> list[str]:
+    """``host[:port],host2[:port]`` (commas or spaces) to pylibmc server specs."""
+    servers = []
+    for item in re.split(r"[,\s]+", text.strip()):
+        if item:
+            servers.append(item if ":" in item.rsplit("]", 1)[-1] else f"{item}:11211")
+    return servers
+
+
+def shared_cache(servers: str, expiry: int) -> SharedCache:
+    """The shared cache for the ``MEMCACHED_SERVERS`` setting (empty: off)."""
+    parsed = parse_servers(servers)
+    return MemcachedCache(parsed, expiry) if parsed else NoSharedCache()

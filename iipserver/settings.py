@@ -160,6 +160,9 @@ class Settings:
         "IIIF_VERSION", 3, _int, "Default IIIF Image API version.", _in_range(2, 3)
     )
     copyright: str = _setting("COPYRIGHT", "", _str, "Rights statement for metadata and IIIF.")
+    status_endpoint: bool = _setting(
+        "STATUS_ENDPOINT", False, _bool, "Answer ?STATUS with this worker's cache counters (JSON)."
+    )
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str] | None = None) -> Settings:

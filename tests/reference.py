@@ -153,8 +153,9 @@ class ServerProcess:
 
 #: Headers that a policy lets us add to any response (policy §1, §2): Content-Length and
 #: Content-Type everywhere; Cache-Control on errors (``no-cache``, the caching issue) and, with
-#: Last-Modified, on 304 replies (a 304 carries the cache headers its 200 would, RFC 9110).
-ALLOWED_EXTRA = {"content-length", "content-type", "cache-control", "last-modified"}
+#: Last-Modified, on 304 replies (a 304 carries the cache headers its 200 would, RFC 9110);
+#: ETag on replies about an image (the caching issue's If-None-Match).
+ALLOWED_EXTRA = {"content-length", "content-type", "cache-control", "last-modified", "etag"}
 #: Headers whose values legitimately differ between the two servers.
 VALUE_EXEMPT = {"server", "content-length", "status"}
 

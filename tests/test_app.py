@@ -89,7 +89,9 @@ def test_obj_conformance_case_1(app):
         ("Last-Modified", LM),
         ("Content-Type", "application/vnd.netfpx"),
         ("Content-Length", str(len(r.body))),
+        ("ETag", r.header("ETag")),
     ]
+    assert r.header("ETag").startswith('"') and len(r.header("ETag")) == 26
 
 
 @pytest.mark.parametrize(
@@ -214,6 +216,7 @@ def test_tile_headers_and_pixels(app):
         "Content-Length",
         "Last-Modified",
         "Cache-Control",
+        "ETag",
     ]
     assert r.header("Content-Type") == "image/jpeg"
     assert int(r.header("Content-Length")) == len(r.body)

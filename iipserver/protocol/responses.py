@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import email.utils
 import html
+import json
+import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -33,11 +35,39 @@ class Response:
     status: int
     headers: list[tuple[str, str]] = field(default_factory=list)
     body: bytes = b""
+    cache: str = ""
+    """How the shared cache took part (``hit``, ``miss``, ``store``), for the log."""
+
+    def header(self, name: str) -> str | None:
+        """The value of header ``name`` (case-insensitive), or None."""
+        lower = name.lower()
+        return next((v for k, v in self.headers if k.lower() == lower), None)
+
+    def pack(self) -> bytes:
+        """Bytes to store in the shared cache: status, headers (JSON) and body; never pickle."""
+        head = json.dumps(self.headers, separators=(",", ":")).encode()
+        return _PACKED + struct.pack(">HI", self.status, len(head)) + head + self.body
+
+    @classmethod
+    def unpack(cls, data: bytes) -> Response | None:
+        """Rebuild a stored response (None if the bytes are not one)."""
+        if not data.startswith(_PACKED) or len(data) < len(_PACKED) + 6:
+            return None
+        status, size = struct.unpack_from(">HI", data, len(_PACKED))
+        start = len(_PACKED) + 6
+        try:
+            headers = [(str(k), str(v)) for k, v in json.loads(data[start : start + size])]
+        except (ValueError, TypeError):
+            return None
+        return cls(status, headers, data[start + size :])
 
     @property
     def status_line(self) -> str:
         """WSGI status string, e.g. ``200 OK``."""
         return f"{self.status} {STATUS_TEXT.get(self.status, 'Unknown')}"
+
+
+_PACKED = b"IIPSRV1\n"
 
 
 def http_date(timestamp: float) -> str:
@@ -46,12 +76,17 @@ def http_date(timestamp: float) -> str:
 
 
 def cors_headers(settings: Settings) -> list[tuple[str, str]]:
-    """CORS header lines (iipsrv 1.1's pair) when CORS is set."""
+    """CORS header lines (mainline's set, spec §5.2) when CORS is set."""
     if not settings.cors:
         return []
     return [
         ("Access-Control-Allow-Origin", settings.cors),
-        ("Access-Control-Allow-Headers", "X-Requested-With"),
+        ("Access-Control-Allow-Methods", "GET, POST, OPTIONS"),
+        (
+            "Access-Control-Allow-Headers",
+            "Accept, Content-Type, X-Requested-With, If-Modified-Since, If-None-Match",
+        ),
+        ("Access-Control-Max-Age", "86400"),
     ]
 
 
@@ -132,13 +167,15 @@ def data_response(
     return Response(200, headers, body)
 
 
-def not_modified(settings: Settings, last_modified: float) -> Response:
-    """304 reply: no body."""
-    headers = [
-        ("Server", SERVER),
-        ("Last-Modified", http_date(last_modified)),
-        ("Cache-Control", settings.cache_control),
-    ]
+def not_modified(
+    settings: Settings, last_modified: float | str, etag: str | None = None
+) -> Response:
+    """304 reply: no body; the validators and freshness of the 200 it stands for."""
+    modified = last_modified if isinstance(last_modified, str) else http_date(last_modified)
+    headers = [("Server", SERVER), ("Last-Modified", modified)]
+    if etag:
+        headers.append(("ETag", etag))
+    headers.append(("Cache-Control", settings.cache_control))
     headers += cors_headers(settings)
     return Response(304, headers, b"")
 
@@ -146,16 +183,7 @@ def not_modified(settings: Settings, last_modified: float) -> Response:
 def options_response(settings: Settings) -> Response:
     """204 answer to a CORS preflight."""
     headers = [("Server", SERVER), ("Allow", "GET, HEAD, POST, OPTIONS"), ("Content-Length", "0")]
-    if settings.cors:
-        headers += [
-            ("Access-Control-Allow-Origin", settings.cors),
-            ("Access-Control-Allow-Methods", "GET, POST, OPTIONS"),
-            (
-                "Access-Control-Allow-Headers",
-                "Accept, Content-Type, X-Requested-With, If-Modified-Since",
-            ),
-            ("Access-Control-Max-Age", "86400"),
-        ]
+    headers += cors_headers(settings)
     return Response(204, headers, b"")
 
 
@@ -179,8 +207,6 @@ def iip_error_response(settings: Settings, errors: Sequence[tuple[str, str]]) ->
 
 def json_error_response(settings: Settings, status: int, detail: dict[str, object]) -> Response:
     """VisiOmatic 3 dialect error: ``{"detail": [entry]}`` (FastAPI's shape), JSON."""
-    import json
-
     body = json.dumps({"detail": [detail]}, separators=(",", ":"), ensure_ascii=False).encode()
     headers = [
         ("Server", SERVER),
