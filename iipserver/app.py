@@ -53,6 +53,16 @@ ERROR_RESPONSES: list[tuple[type[BaseException], ErrorRenderer]] = [
 
 WSGIStartResponse = Callable[..., Any]
 
+#: Settings that never change a response's bytes (left out of cache keys and ETags, so
+#: servers with other cache or log settings share one memcached).
+NOT_IN_RESPONSES = frozenset(
+    {
+        "VERBOSITY", "LOGFILE", "MAX_IMAGE_CACHE_SIZE", "MAX_METADATA_CACHE_SIZE",
+        "MAX_OPEN_FILES", "MEMCACHED_SERVERS", "MEMCACHED_TIMEOUT", "MEMCACHED_PREFIX",
+        "STATUS_ENDPOINT",
+    }
+)  # fmt: skip
+
 
 class IIPApp:
     """IIP protocol server as a WSGI callable; answers from the query string on any path."""
@@ -66,7 +76,8 @@ class IIPApp:
         self.shared = shared_cache(settings.memcached_servers, settings.memcached_timeout)
         self.requests = 0
         # responses depend on the settings and the version: keys and ETags carry both
-        described = repr(sorted(settings.describe())) + __version__
+        output = [(k, v) for k, v in settings.describe() if k not in NOT_IN_RESPONSES]
+        described = repr(output) + __version__
         self._fingerprint = hashlib.blake2b(described.encode(), digest_size=6).hexdigest()
 
     def clear_caches(self) -> None:

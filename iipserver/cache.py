@@ -7,6 +7,7 @@ import logging
 import os
 import re
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Hashable, Sequence
 from typing import Any, Generic, Protocol, TypeVar
@@ -177,36 +178,52 @@ class MemcachedCache:
         "connect_timeout": 50,  # ms
         "send_timeout": 100_000,  # µs
         "receive_timeout": 100_000,  # µs
-        "retry_timeout": 1,  # s before a failed server is tried again
-        "dead_timeout": 1,
     }
+    #: Seconds during which a failed client is not used; then a new one reconnects.
+    RETRY = 1.0
 
     def __init__(self, servers: Sequence[str], expiry: int) -> None:
         self.servers = list(servers)
         self.expiry = int(expiry)
         self._local = threading.local()
         self._pid = os.getpid()
-        self.counts = {"hits": 0, "misses": 0, "stores": 0, "errors": 0, "too_big": 0}
+        self.counts = {
+            "hits": 0, "misses": 0, "stores": 0, "errors": 0, "too_big": 0, "skipped": 0,
+        }  # fmt: skip
 
-    def _client(self) -> Any:
+    def _client(self) -> Any | None:
+        """This thread's client, or None while a recent failure keeps it off."""
+        if self._pid != os.getpid():  # forked: never share a connection with the parent
+            self._pid = os.getpid()
+            self._local = threading.local()
+        if time.monotonic() < getattr(self._local, "down_until", 0.0):
+            self.counts["skipped"] += 1
+            return None
         client = getattr(self._local, "client", None)
-        if client is None or self._pid != os.getpid():
+        if client is None:
             import pylibmc
 
-            self._pid = os.getpid()
             client = pylibmc.Client(self.servers, binary=True, behaviors=self.BEHAVIORS)
             self._local.client = client
         return client
+
+    def _failed(self, what: str, exc: Exception) -> None:
+        self.counts["errors"] += 1
+        self._local.client = None
+        self._local.down_until = time.monotonic() + self.RETRY
+        log.info("memcached %s failed (%s); retrying in %.0f s", what, exc, self.RETRY)
 
     def get(self, key: str) -> bytes | None:
         """Return the stored value or None; errors count and are a miss."""
         import pylibmc
 
+        client = self._client()
+        if client is None:
+            return None
         try:
-            value = self._client().get(key)
+            value = client.get(key)
         except pylibmc.Error as exc:
-            self.counts["errors"] += 1
-            log.debug("memcached get failed: %s", exc)
+            self._failed("get", exc)
             return None
         self.counts["hits" if value is not None else "misses"] += 1
         return None if value is None else bytes(value)
@@ -215,14 +232,16 @@ class MemcachedCache:
         """Store ``value`` for the expiry; a value too big for memcached is skipped."""
         import pylibmc
 
+        client = self._client()
+        if client is None:
+            return
         try:
-            self._client().set(key, value, time=self.expiry)
+            client.set(key, value, time=self.expiry)
             self.counts["stores"] += 1
         except pylibmc.TooBig:
             self.counts["too_big"] += 1
         except pylibmc.Error as exc:
-            self.counts["errors"] += 1
-            log.debug("memcached set failed: %s", exc)
+            self._failed("set", exc)
 
     def stats(self) -> dict[str, int]:
         """Counters of this process."""
