@@ -130,6 +130,7 @@ class IIPApp:
             self.pipeline,
             request,
             environ.get("HTTP_IF_MODIFIED_SINCE"),
+            environ,
         )
         return session.run(parse_tokens(tokens))
 

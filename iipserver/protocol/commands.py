@@ -188,6 +188,27 @@ class Tiles(Command):
 
 
 @dataclass(frozen=True)
+class Iiif(Command):
+    """IIIF: an IIIF Image API request ``<id>/info.json`` or ``<id>/<region>/<size>/…``."""
+
+    argument: str
+
+
+@dataclass(frozen=True)
+class DeepZoom(Command):
+    """DeepZoom: ``<path>.dzi`` or ``<path>_files/<L>/<x>_<y>.jpg``."""
+
+    argument: str
+
+
+@dataclass(frozen=True)
+class Zoomify(Command):
+    """Zoomify: ``<path>/ImageProperties.xml`` or ``<path>/TileGroup<g>/<z>-<x>-<y>.jpg``."""
+
+    argument: str
+
+
+@dataclass(frozen=True)
 class Ignored(Command):
     """A command iipsrv accepts with no effect here (LYR, ICC)."""
 
@@ -427,12 +448,15 @@ PARSERS: dict[str, Callable[[str], Command]] = {
     "pfl": _pfl,
     "spectra": _spectra,
     "til": _til,
+    "iiif": lambda arg: Iiif(url_decode(arg)),
+    "deepzoom": lambda arg: DeepZoom(url_decode(arg)),
+    "zoomify": lambda arg: Zoomify(url_decode(arg)),
     "lyr": lambda arg: Ignored("lyr"),
     "icc": lambda arg: Ignored("icc"),
 }
 
 #: iipsrv commands parsed by later work; answered with a clear "not supported" error for now.
-PENDING = ("iiif", "deepzoom", "zoomify", "cnv", "atl", "ttl")
+PENDING = ("cnv", "atl", "ttl")
 
 
 def parse_token(token: Token) -> Command:

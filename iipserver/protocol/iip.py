@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import email.utils
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -19,7 +20,7 @@ from iipserver.errors import (
     ProtocolError,
 )
 from iipserver.pipeline import Pipeline
-from iipserver.protocol import formats, responses
+from iipserver.protocol import formats, iiif, responses
 from iipserver.protocol.commands import (
     Colormap,
     ColorTwist,
@@ -27,9 +28,11 @@ from iipserver.protocol.commands import (
     Command,
     Contrast,
     Convert,
+    DeepZoom,
     Fif,
     Gamma,
     Ignored,
+    Iiif,
     Invalid,
     Invert,
     MinMax,
@@ -45,6 +48,7 @@ from iipserver.protocol.commands import (
     Tile,
     Tiles,
     Unknown,
+    Zoomify,
 )
 from iipserver.protocol.commands import Sequence as SequenceCommand
 from iipserver.protocol.responses import Response
@@ -83,8 +87,10 @@ class Session:
         pipeline: Pipeline,
         request: str,
         if_modified_since: str | None = None,
+        environ: Mapping[str, Any] | None = None,
     ) -> None:
         self.settings = settings
+        self.environ: Mapping[str, Any] = environ or {}
         self.pool = pool
         self.pipeline = pipeline
         self.request = request
@@ -139,6 +145,12 @@ class Session:
                 return self._spectra(command)
             case Tiles():
                 return self._tiles(command)
+            case Iiif(argument):
+                return self._service().iiif(argument)
+            case DeepZoom(argument):
+                return self._service().deepzoom(argument)
+            case Zoomify(argument):
+                return self._service().zoomify(argument)
             case Quality(value):
                 view.quality = max(1, value)
             case SequenceCommand(x, y):
@@ -281,6 +293,22 @@ class Session:
         if fmt is OutputFormat.WEBP:
             return self.settings.webp_quality
         return self.settings.jpeg_quality
+
+    def _service(self) -> iiif.Service:
+        return iiif.Service(
+            self.settings, self.pool, self.pipeline, self.environ, self.view, self._render_tile
+        )
+
+    def _render_tile(
+        self, image: OpenedImage, resolution: int, index: int, view: View, fmt: OutputFormat
+    ) -> Response:
+        """One pyramid tile through the tile path and its caches (JTL, IIIF, DeepZoom…)."""
+        info = image.source.info
+        rendering = view.rendering(info, fmt, self._default_quality(fmt))
+        encoded = self.pipeline.tile(image, resolution, index, rendering)
+        return responses.image_response(
+            self.settings, encoded.data, encoded.media_type, image.stamp.mtime
+        )
 
     def _tile(self, command: Tile) -> Response:
         if command.angles is not None:

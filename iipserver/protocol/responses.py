@@ -19,6 +19,7 @@ ERROR_DISPOSITION = 'inline;filename="IIPisAMadGameClosedToOurUnderstanding.netf
 STATUS_TEXT = {
     200: "OK",
     204: "No Content",
+    303: "See Other",
     304: "Not Modified",
     400: "Bad Request",
     404: "Not Found",
@@ -165,6 +166,14 @@ def data_response(
     ]
     headers += cors_headers(settings)
     return Response(200, headers, body)
+
+
+def redirect_response(settings: Settings, location: str) -> Response:
+    """303 See Other to ``location`` (the IIIF base URI redirect)."""
+    headers = [("Server", SERVER), ("Location", location), ("Content-Type", "text/plain"),
+               ("Content-Length", "0")]  # fmt: skip
+    headers += cors_headers(settings)
+    return Response(303, headers, b"")
 
 
 def not_modified(
