@@ -74,7 +74,7 @@ def encode_webp(array: np.ndarray, quality: int) -> Encoded:
     if quality < 0:
         data = imagecodecs.webp_encode(array, lossless=True)
     else:
-        data = imagecodecs.webp_encode(array, level=min(100, int(quality)))
+        data = imagecodecs.webp_encode(array, level=min(100, int(quality)), lossless=False)
     return Encoded(bytes(data), OutputFormat.WEBP.media_type)
 
 
