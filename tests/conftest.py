@@ -400,6 +400,17 @@ def _builders() -> list[tuple[TestImage, Callable[[Path, TestImage], None]]]:
     # VisiOmatic v2 replay: FITS headers in ImageDescription (tests/test_visiomatic_v2.py).
     for image, header in _visiomatic_images():
         add(image, description=header, photometric="minisblack", planarconfig="contig")
+
+    # IIIF / DeepZoom / Zoomify (tests/test_differential_iiif.py): a portrait image of odd
+    # size (555x777, levels 277x388 and 138x194) and a single-level grey image of odd size.
+    add(TestImage("odd.tif", pyramid_levels(_texture_rgb(555, 777, 19))), photometric="rgb")
+    yo, xo = np.mgrid[0:173, 0:231]
+    single = ((xo * 7 + yo * 3) % 256).astype(np.uint8)
+    add(TestImage("single.tif", [single]), photometric="minisblack")
+    # Four levels (300x200 down to 37x25), three of them smaller than a tile: Zoomify discards
+    # two, DeepZoom maps its small levels onto the 37x25 one.
+    deep = pyramid_levels(_texture_rgb(300, 200, 29), min_levels=4)
+    add(TestImage("deep.tif", deep), photometric="rgb")
     return out
 
 
