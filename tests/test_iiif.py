@@ -52,7 +52,9 @@ def app_for(root, **env):
     ],
 )
 def test_regions(text, box):
-    assert parse_region(text, 1000, 750) == box
+    import dataclasses
+
+    assert dataclasses.replace(parse_region(text, 1000, 750), fractions=None) == box
 
 
 @pytest.mark.parametrize(

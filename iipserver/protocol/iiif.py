@@ -16,6 +16,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from iipserver.encoders import OutputFormat
 from iipserver.errors import BadRequest, NotImplementedCommand, TileNotFound
 from iipserver.pipeline import Pipeline
@@ -26,7 +28,8 @@ from iipserver.sources import paths
 from iipserver.sources.base import SourceInfo
 from iipserver.sources.pool import OpenedImage, SourcePool
 from iipserver.view import View
-from iipserver.viewport import Plan
+from iipserver.viewport import Plan, c_round, plan
+from iipserver.viewport import Region as RegionFractions
 
 CONTEXTS = {
     2: "http://iiif.io/api/image/2/context.json",
@@ -57,10 +60,26 @@ class Box:
     y: int
     w: int
     h: int
+    fractions: tuple[float, float, float, float] | None = None
+    """The request's own fractions for ``pct:`` regions (iipsrv plans with them)."""
 
 
 def _round(value: float) -> int:
     return math.floor(value + 0.5)
+
+
+def _f32(value: float) -> float:
+    return float(np.float32(value))
+
+
+def _side(given: int, cut_given: int, cut_other: int, aspect: float) -> int:
+    """The open side of an output: from the region's size at the chosen level (iipsrv), kept
+    within the two integers around ``given · aspect`` (IIIF)."""
+    value = c_round(_f32(_f32(given) / _f32(cut_given)) * _f32(cut_other))
+    exact = given * aspect
+    if not math.floor(exact) <= value <= math.ceil(exact):
+        value = _round(exact)
+    return max(1, value)
 
 
 def parse_region(text: str, width: int, height: int) -> Box:
@@ -75,6 +94,7 @@ def parse_region(text: str, width: int, height: int) -> Box:
         side = min(width, height)
         return Box((width - side) // 2, (height - side) // 2, side, side)
     m = _PIXELS.match(text)
+    fractions = None
     if m:
         x, y, w, h = (int(v) for v in m.groups())
     else:
@@ -82,6 +102,7 @@ def parse_region(text: str, width: int, height: int) -> Box:
         if p is None:
             raise BadRequest(f"IIIF: incorrect region format: {text}")
         fx, fy, fw, fh = (float(v) for v in p.groups())
+        fractions = (fx / 100, fy / 100, fw / 100, fh / 100)
         x, y = _round(fx * width / 100), _round(fy * height / 100)
         w, h = _round(fw * width / 100), _round(fh * height / 100)
         if fw > 0 and w == 0:
@@ -90,7 +111,7 @@ def parse_region(text: str, width: int, height: int) -> Box:
             h = 1
     if w <= 0 or h <= 0 or x >= width or y >= height:
         raise BadRequest(f"IIIF: region outside the image or empty: {text}")
-    return Box(x, y, min(w, width - x), min(h, height - y))
+    return Box(x, y, min(w, width - x), min(h, height - y), fractions)
 
 
 def _requested_size(text: str, rw: int, rh: int) -> tuple[int, int]:
@@ -191,6 +212,8 @@ def _version(settings: Settings, environ: Mapping[str, Any]) -> int:
 def _base_id(settings: Settings, environ: Mapping[str, Any], identifier: str) -> str:
     """The image's IIIF id: BASE_URL + identifier, else the request's own URL without the
     parameters (scheme, host and port from the request or X-Forwarded-* headers)."""
+    if environ.get("HTTP_X_IIIF_ID"):
+        return str(environ["HTTP_X_IIIF_ID"])
     if settings.base_url:
         return settings.base_url.rstrip("/") + "/" + identifier
     proto = str(environ.get("HTTP_X_FORWARDED_PROTO", "")).split(",")[0].strip()
@@ -270,7 +293,9 @@ class Service:
         info = image.source.info
         version = _version(self.settings, self.environ)
         region = parse_region(region_text, info.width, info.height)
-        out = parse_size(size_text, region, version, self._limits(), self.settings.allow_upscaling)
+        size = parse_size(size_text, region, version, self._limits(), self.settings.allow_upscaling)
+        plan = self._plan(info, region, size, size_text.lstrip("^"))
+        out = (plan.out_width, plan.out_height)
         angle, flip = parse_rotation(rotation_text)
         colour, fmt = parse_quality_format(quality_text)
         view = self.view
@@ -281,7 +306,7 @@ class Service:
         if tile is not None:
             response = self.render_tile(image, tile[0], tile[1], view, fmt)
         else:
-            response = self._region(image, info, region, out, fmt)
+            response = self._region(image, info, plan, fmt)
         response.headers.append(
             ("Link", f'<http://iiif.io/api/image/{version}/level2.json>;rel="profile"')
         )
@@ -309,30 +334,52 @@ class Service:
                 return r, index
         return None
 
+    def _plan(self, info: SourceInfo, region: Box, size: tuple[int, int], text: str) -> Plan:
+        """The level, the region there and the output size, as iipsrv 1.1 maps IIIF to CVT.
+
+        The level and the region's pixels at that level come from 1.1's CVT algorithm
+        (``viewport.plan``); the side a request leaves open is computed from the region's real
+        size at that level (so ``full/250,`` of a 1000×750 image is the 250×187 level, not a
+        250×188 resize) when that is one of the two integers around the exact aspect ratio.
+        The side a request gives is always kept, as IIIF requires.
+        """
+        w, h = size
+        fx, fy, fw, fh = region.fractions or (
+            region.x / info.width,
+            region.y / info.height,
+            region.w / info.width,
+            region.h / info.height,
+        )
+        if text.startswith("!"):
+            w, h = (int(v) for v in text[1:].split(","))
+            requested = (w, h)
+        elif text in ("max", "full") or (
+            text.count(",") == 1 and text[0] != "," and text[-1] != ","
+        ):
+            requested = (w, h)
+        elif text.startswith(","):
+            requested = (0, h)
+        else:  # "w," and pct:n
+            requested = (w, 0)
+        base = plan(
+            (info.width, info.height),
+            [(lv.width, lv.height) for lv in info.levels],
+            RegionFractions(_f32(fx), _f32(fy), _f32(fw), _f32(fh)),
+            requested,
+            -1,
+            True,
+        )
+        cut_w, cut_h = base.width, base.height
+        if requested == (w, 0) or (text.startswith("!") and (w / cut_w) / (h / cut_h) < 1.001):
+            h = _side(w, cut_w, cut_h, region.h / region.w)
+        elif requested == (0, h) or (text.startswith("!") and (w / cut_w) / (h / cut_h) > 1.001):
+            w = _side(h, cut_h, cut_w, region.w / region.h)
+        return Plan(base.resolution, base.x, base.y, cut_w, cut_h, w, h)
+
     def _region(
-        self,
-        image: OpenedImage,
-        info: SourceInfo,
-        region: Box,
-        out: tuple[int, int],
-        fmt: OutputFormat,
+        self, image: OpenedImage, info: SourceInfo, plan: Plan, fmt: OutputFormat
     ) -> Response:
-        """Render a region: read from the smallest level at least as detailed as the output."""
-        n = len(info.levels)
-        resolution = n - 1
-        for r, level in enumerate(info.levels):
-            if (
-                level.width * region.w >= out[0] * info.width
-                and level.height * region.h >= out[1] * info.height
-            ):
-                resolution = r
-                break
-        level = info.levels[resolution]
-        fx, fy = level.width / info.width, level.height / info.height
-        x0, y0 = math.floor(region.x * fx), math.floor(region.y * fy)
-        x1 = min(level.width, max(x0 + 1, math.ceil((region.x + region.w) * fx)))
-        y1 = min(level.height, max(y0 + 1, math.ceil((region.y + region.h) * fy)))
-        plan = Plan(resolution, x0, y0, x1 - x0, y1 - y0, out[0], out[1])
+        """Render a planned region through the CVT path."""
         quality = self.view.quality
         default = {
             OutputFormat.PNG: self.settings.png_quality,
@@ -410,7 +457,7 @@ class Service:
                 supports.append("sizeAboveFull")
             profile = {
                 "formats": ["jpg", "png", "webp"],
-                "qualities": ["default", *qualities],
+                "qualities": ["default", "color", "gray", "bitonal"],
                 "supports": sorted(set(supports)),
                 **limits,
             }
@@ -495,7 +542,7 @@ class Service:
 
     def _grid_tile(self, image: OpenedImage, info: SourceInfo, r: int, x: int, y: int) -> Response:
         if not 0 <= r < len(info.levels):
-            raise TileNotFound(f"Asked for non-existent resolution: {r}")
+            image.source.read_tile(r, 0)  # the source's own 404 for a missing resolution
         level = info.levels[r]
         if x >= level.tiles_across or y >= level.tiles_down:
             raise TileNotFound(f"Asked for non-existent tile: {y * level.tiles_across + x}")
