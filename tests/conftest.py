@@ -539,3 +539,24 @@ def server_pair(
     pairs = ServerPairs(images, tmp_path_factory)
     yield pairs
     pairs.stop()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    """Headless Debian Chromium driven by Playwright (never a browser from ``playwright install``)."""
+    sync_api = pytest.importorskip(
+        "playwright.sync_api",
+        reason="the playwright module is not installed (pip install -e '.[test]')",
+    )
+    from processes import CHROMIUM, LAUNCH_ARGS
+
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} not found (Debian package chromium; scripts/test.sh installs it)")
+    with sync_api.sync_playwright() as playwright:
+        launched = playwright.chromium.launch(
+            executable_path=str(CHROMIUM), headless=True, args=LAUNCH_ARGS
+        )
+        try:
+            yield launched
+        finally:
+            launched.close()

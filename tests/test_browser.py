@@ -29,7 +29,6 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
-from processes import CHROMIUM, LAUNCH_ARGS
 from processes import children as _children
 
 from iipserver import demo
@@ -154,21 +153,6 @@ def demo_server(tmp_path: Path) -> Iterator[DemoServer]:
         for pid in workers:  # normally gone already: they follow their parent
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-
-
-@pytest.fixture
-def browser() -> Iterator[Browser]:
-    """Headless Debian Chromium (never a browser downloaded by ``playwright install``)."""
-    if not CHROMIUM.exists():
-        pytest.skip(f"{CHROMIUM} not found (Debian package chromium; scripts/test.sh installs it)")
-    with sync_api.sync_playwright() as playwright:
-        launched = playwright.chromium.launch(
-            executable_path=str(CHROMIUM), headless=True, args=LAUNCH_ARGS
-        )
-        try:
-            yield launched
-        finally:
-            launched.close()
 
 
 # -- what the page does ---------------------------------------------------------------------

@@ -52,7 +52,6 @@ import imagecodecs
 import numpy as np
 import pytest
 from images import pyramid_levels, write_pyramid
-from processes import CHROMIUM, LAUNCH_ARGS
 from processes import children as _children
 
 if TYPE_CHECKING:
@@ -342,21 +341,6 @@ def servers(
     finally:
         for proc, _, _ in started.values():
             _stop(proc)
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    """Headless Debian Chromium (never a browser downloaded by ``playwright install``)."""
-    if not CHROMIUM.exists():
-        pytest.skip(f"{CHROMIUM} not found (Debian package chromium; scripts/test.sh installs it)")
-    with sync_api.sync_playwright() as playwright:
-        launched = playwright.chromium.launch(
-            executable_path=str(CHROMIUM), headless=True, args=LAUNCH_ARGS
-        )
-        try:
-            yield launched
-        finally:
-            launched.close()
 
 
 # -- the pages ------------------------------------------------------------------------------

@@ -32,7 +32,6 @@ import imagecodecs
 import numpy as np
 import pytest
 from images import pyramid_levels, star_field, write_pyramid
-from processes import CHROMIUM, LAUNCH_ARGS
 from processes import children as _children
 
 from iipserver import client
@@ -174,21 +173,6 @@ class Server:
 
     def stderr(self) -> str:
         return self.stderr_path.read_text(errors="replace")
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    """Headless Debian Chromium (never a browser downloaded by ``playwright install``)."""
-    if not CHROMIUM.exists():
-        pytest.skip(f"{CHROMIUM} not found (Debian package chromium; scripts/test.sh installs it)")
-    with sync_api.sync_playwright() as playwright:
-        launched = playwright.chromium.launch(
-            executable_path=str(CHROMIUM), headless=True, args=LAUNCH_ARGS
-        )
-        try:
-            yield launched
-        finally:
-            launched.close()
 
 
 @pytest.fixture(scope="module")
