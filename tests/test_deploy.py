@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -403,3 +404,43 @@ def test_systemd_unit_verifies(tmp_path: Path) -> None:
             [analyze, "verify", str(unit)], capture_output=True, text=True, check=False
         )
         assert result.returncode != 0 and UNIT_EXEC in result.stderr, result
+
+
+def test_worker_killed_with_the_retry_variant(
+    image_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """The variant docs/deploy.md gives: the same socket twice in the upstream, max_fails=0.
+
+    ``fastcgi_next_upstream error`` (in the shipped site) then sends the request whose worker
+    died to the "second" server, i.e. to another worker: no request fails at all.
+    """
+    if not NGINX:
+        pytest.skip("nginx is not installed (apt-get install nginx-light; scripts/test.sh does)")
+    workdir = short_tempdir(tmp_path_factory, "deploy-retry")
+    daemon, sock, log = start_daemon(image_dir, workdir)
+    line = f"server unix:{sock} max_fails=0;"
+    site = site_config(free_port(), f"unix:{sock} max_fails=0").replace(line, f"{line}\n    {line}")
+    port = int(re.search(r"listen 127\.0\.0\.1:(\d+);", site).group(1))  # type: ignore[union-attr]
+    (workdir / "nginx").mkdir()
+    try:
+        dep = Deployment(daemon, Nginx(workdir / "nginx", site, port), sock, log)
+    except BaseException:
+        daemon.stop()
+        raise
+    try:
+        victim = min(dep.workers())
+        midway = threading.Event()
+
+        def kill() -> None:
+            midway.wait(20)
+            os.kill(victim, signal.SIGKILL)
+
+        killer = threading.Thread(target=kill)
+        killer.start()
+        outcomes = run_burst(dep, midway, after=BURST // 3)
+        killer.join()
+        failed = [o for o in outcomes if o.first != 200]
+        assert not failed, f"{failed}\n{error_lines(dep)}"
+        wait_for(lambda: victim not in dep.workers() and len(dep.workers()) == 2, 5, "replacement")
+    finally:
+        dep.stop()
