@@ -423,3 +423,26 @@ def jpeg_structure_problems(ref_body: bytes, ours_body: bytes) -> list[str]:
     if oi.progressive:
         problems.append("ours is progressive")
     return problems
+
+
+def array_problems(
+    a: np.ndarray, b: np.ndarray, tol: tuple[int, float | None], rows: int | None = None
+) -> list[str]:
+    """Decoded pixels within ``tol`` = (max |diff|, mean limit or None); first ``rows`` only."""
+    if a.shape != b.shape:
+        return [f"decoded shapes: iipsrv {a.shape}, ours {b.shape}"]
+    if rows is not None:
+        a, b = a[:rows], b[:rows]
+    if a.size == 0:
+        return []
+    diff = np.abs(a.astype(np.int16) - b.astype(np.int16))
+    worst, mean = int(diff.max()), float(diff.mean())
+    max_diff, mean_diff = tol
+    if worst > max_diff or (mean_diff is not None and mean >= mean_diff):
+        where = np.unravel_index(int(diff.argmax()), diff.shape)
+        return [
+            f"pixels: max |diff| {worst} (limit {max_diff}) at {tuple(int(i) for i in where)} "
+            f"(iipsrv {a[where]}, ours {b[where]}), mean {mean:.3f} (limit {mean_diff})"
+            + (f", first {rows} rows" if rows is not None else "")
+        ]
+    return []

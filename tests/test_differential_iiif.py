@@ -58,7 +58,14 @@ import pytest
 import simplejpeg
 from conftest import ImageSet, ServerPair, ServerPairs, _our_process, _reference_process
 from fcgi_client import Response
-from reference import compare_headers, decode, jpeg_info, jpeg_structure_problems, policy_problems
+from reference import (
+    array_problems,
+    compare_headers,
+    decode,
+    jpeg_info,
+    jpeg_structure_problems,
+    policy_problems,
+)
 from test_differential_science import TOL_BINARY, TOL_FLOAT, TOL_PLAIN
 
 pytestmark = pytest.mark.reference
@@ -136,32 +143,11 @@ def _size(resp: Response) -> tuple[int, int]:
     return info.width, info.height
 
 
-def pixel_problems(a: np.ndarray, b: np.ndarray, tol: Tol, rows: int | None = None) -> list[str]:
-    """Decoded pixels within ``tol`` (max |diff|, mean limit); only the first ``rows``."""
-    if a.shape != b.shape:
-        return [f"decoded shapes: iipsrv {a.shape}, ours {b.shape}"]
-    if rows is not None:
-        a, b = a[:rows], b[:rows]
-    if a.size == 0:
-        return []
-    diff = np.abs(a.astype(np.int16) - b.astype(np.int16))
-    worst, mean = int(diff.max()), float(diff.mean())
-    max_diff, mean_diff = tol
-    if worst > max_diff or (mean_diff is not None and mean >= mean_diff):
-        where = np.unravel_index(int(diff.argmax()), diff.shape)
-        return [
-            f"pixels: max |diff| {worst} (limit {max_diff}) at {tuple(int(i) for i in where)} "
-            f"(iipsrv {a[where]}, ours {b[where]}), mean {mean:.3f} (limit {mean_diff})"
-            + (f", first {rows} rows" if rows is not None else "")
-        ]
-    return []
-
-
 def jpeg_problems(ref: Response, ours: Response, tol: Tol, rows: int | None = None) -> list[str]:
     if not _is_jpeg(ours):
         return [f"ours is not a JPEG (Content-Type {ours.header('Content-Type')!r})"]
     problems = jpeg_structure_problems(ref.body, ours.body)
-    return problems or pixel_problems(decode(ref.body), decode(ours.body), tol, rows)
+    return problems or array_problems(decode(ref.body), decode(ours.body), tol, rows)
 
 
 def _tol(name: str) -> Tol:
@@ -814,7 +800,7 @@ def test_png_pixels(iiif: ServerPair, images: ImageSet, name: str, params: str) 
             pixels, quality=75, colorspace="GRAY" if grey else "RGB", colorsubsampling="420"
         )
         theirs = decode(ref.body)
-        problems += pixel_problems(theirs, decode(jpeg), _tol(name))
+        problems += array_problems(theirs, decode(jpeg), _tol(name))
     _fail(f"{query} (iipsrv: {ref_query})", ref, ours, problems)
 
 

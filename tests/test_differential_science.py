@@ -39,6 +39,7 @@ from conftest import ImageSet, ServerPair, ServerPairs
 from fcgi_client import Response
 from reference import (
     ServerProcess,
+    array_problems,
     compare_headers,
     decode,
     embedded_reply,
@@ -114,24 +115,7 @@ def pixel_problems(
     rows: int | None = None,
 ) -> list[str]:
     """Decoded pixels within ``tol``; only the first ``rows`` rows if given."""
-    a, b = decode(ref_jpeg), decode(our_jpeg)
-    if a.shape != b.shape:
-        return [f"decoded shapes: iipsrv {a.shape}, ours {b.shape}"]
-    if rows is not None:
-        a, b = a[:rows], b[:rows]
-    if a.size == 0:
-        return []
-    diff = np.abs(a.astype(np.int16) - b.astype(np.int16))
-    worst, mean = int(diff.max()), float(diff.mean())
-    max_diff, mean_diff = tol
-    if worst > max_diff or (mean_diff is not None and mean >= mean_diff):
-        where = np.unravel_index(int(diff.argmax()), diff.shape)
-        return [
-            f"pixels: max |diff| {worst} (limit {max_diff}) at {tuple(int(i) for i in where)} "
-            f"(iipsrv {a[where]}, ours {b[where]}), mean {mean:.3f} (limit {mean_diff})"
-            + (f", first {rows} rows" if rows is not None else "")
-        ]
-    return []
+    return array_problems(decode(ref_jpeg), decode(our_jpeg), tol, rows)
 
 
 def jpeg_problems(
