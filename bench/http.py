@@ -46,10 +46,8 @@ sys.path.insert(0, str(REPO / "tests"))
 
 import numpy as np  # noqa: E402
 from images import pyramid_levels, smin_smax_tags, write_pyramid  # noqa: E402
+from nginx_site import NGINX, main_config, site_config  # noqa: E402
 
-SITE = REPO / "nginx" / "iipserver.conf"
-SITE_UPSTREAM = "server unix:/run/iipserver/iipserver.sock;"
-NGINX = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/sbin") or ""
 IIPSRV = os.environ.get("IIPSRV_BINARY", "/usr/lib/iipimage-server/iipsrv.fcgi")
 WRK = shutil.which("wrk") or ""
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -208,43 +206,12 @@ def daemon_env(images: Path) -> dict[str, str]:
     return env
 
 
-def sub_once(pattern: str, replacement: str, text: str) -> str:
-    new, count = re.subn(pattern, replacement, text, flags=re.MULTILINE)
-    if count != 1:
-        raise RuntimeError(f"{SITE.name}: expected one line matching {pattern!r}, found {count}")
-    return new
-
-
 def start_nginx(procs: Procs, workdir: Path, port: int, upstreams: list[str]) -> subprocess.Popen:
     """The shipped site on 127.0.0.1:``port`` with one ``server`` line per upstream."""
     workdir.mkdir(parents=True, exist_ok=True)
-    text = SITE.read_text()
-    text = sub_once(r"^(\s*)listen 80;$", rf"\g<1>listen 127.0.0.1:{port};", text)
-    text = sub_once(r"^\s*listen \[::\]:80;\n", "", text)
-    servers = "\n".join(f"    server {u};" for u in upstreams)
-    text = sub_once(rf"^\s*{re.escape(SITE_UPSTREAM)}$", servers.replace("\\", r"\\"), text)
-    (workdir / "site.conf").write_text(text)
-    user = "user root;\n" if os.geteuid() == 0 else ""
+    (workdir / "site.conf").write_text(site_config(port, upstreams))
     d = workdir
-    (d / "nginx.conf").write_text(
-        f"""{user}daemon off;
-master_process on;
-worker_processes 2;
-pid {d}/nginx.pid;
-error_log {d}/error.log notice;
-events {{ worker_connections 256; }}
-http {{
-    default_type application/octet-stream;
-    access_log off;
-    client_body_temp_path {d}/client_body;
-    fastcgi_temp_path {d}/fastcgi;
-    proxy_temp_path {d}/proxy;
-    uwsgi_temp_path {d}/uwsgi;
-    scgi_temp_path {d}/scgi;
-    include {d}/site.conf;
-}}
-"""
-    )
+    (d / "nginx.conf").write_text(main_config(d, access_log=False))
     base = [NGINX, "-p", f"{d}/", "-c", str(d / "nginx.conf"), "-e", str(d / "error.log")]
     check = subprocess.run([*base, "-t", "-q"], capture_output=True, text=True, check=False)
     if check.returncode != 0:

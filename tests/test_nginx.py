@@ -16,7 +16,6 @@ import contextlib
 import http.client
 import json
 import os
-import re
 import shutil
 import signal
 import socket
@@ -34,14 +33,12 @@ import numpy as np
 import pytest
 import simplejpeg
 from images import pyramid_levels, rgb_image, write_pyramid
+from nginx_site import NGINX, main_config, site_config
 
 REPO = Path(__file__).resolve().parent.parent
-SITE = REPO / "nginx" / "iipserver.conf"
-NGINX = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/sbin") or ""
 IIPSRV = os.environ.get("IIPSRV_BINARY", "/usr/lib/iipimage-server/iipsrv.fcgi")
 
 #: The socket the site file points at, replaced by the test's own address.
-SITE_UPSTREAM = "server unix:/run/iipserver/iipserver.sock;"
 
 IIP_PATHS = ["/fcgi-bin/iipsrv.fcgi", "/iipsrv", "/iip", "/api"]
 OBJ_QUERY = "FIF=rgb.tif&obj=IIP,1.0&obj=Max-size&obj=Resolution-number"
@@ -192,38 +189,6 @@ def clean_env(**settings: str) -> dict[str, str]:
 # The site file, adapted to a test run
 
 
-def substitute_once(pattern: str, replacement: str, text: str) -> str:
-    """Replace the single line matching ``pattern``; fail if the site file changed shape."""
-    new, count = re.subn(pattern, replacement, text, flags=re.MULTILINE)
-    assert count == 1, f"{SITE.name}: expected one line matching {pattern!r}, found {count}"
-    return new
-
-
-def site_config(port: int, upstream: str, *, tls: tuple[int, Path, Path] | None = None) -> str:
-    """nginx/iipserver.conf listening on 127.0.0.1:``port`` and passing to ``upstream``.
-
-    ``upstream`` is ``unix:/path`` or ``host:port``. With ``tls=(port, cert, key)`` the
-    commented HTTPS/HTTP2 lines of the site are enabled as well.
-    """
-    text = SITE.read_text()
-    text = substitute_once(r"^(\s*)listen 80;$", rf"\1listen 127.0.0.1:{port};", text)
-    text = substitute_once(r"^\s*listen \[::\]:80;\n", "", text)  # IPv6 may be unavailable
-    text = substitute_once(rf"^(\s*){re.escape(SITE_UPSTREAM)}$", rf"\1server {upstream};", text)
-    if tls is not None:
-        tls_port, cert, key = tls
-        text = substitute_once(
-            r"^(\s*)# listen 443 ssl http2;$", rf"\1listen 127.0.0.1:{tls_port} ssl http2;", text
-        )
-        text = substitute_once(r"^\s*# listen \[::\]:443 ssl http2;\n", "", text)
-        text = substitute_once(r"^(\s*)# ssl_certificate .*$", rf"\1ssl_certificate {cert};", text)
-        text = substitute_once(
-            r"^(\s*)# ssl_certificate_key .*$", rf"\1ssl_certificate_key {key};", text
-        )
-        text = substitute_once(r"^(\s*)# (ssl_protocols .*)$", r"\1\2", text)
-        text = substitute_once(r"^(\s*)# (ssl_session_cache .*)$", r"\1\2", text)
-    return text
-
-
 class Nginx:
     """nginx with a generated top-level nginx.conf around a site file, all under ``workdir``."""
 
@@ -231,29 +196,8 @@ class Nginx:
         self.workdir = workdir
         self.port = port
         (workdir / "site.conf").write_text(site)
-        # As root, nginx would switch its workers to "nobody", who cannot reach the test's
-        # private temporary folder; keep them as root there. Unprivileged, nginx ignores `user`.
-        user = "user root;\n" if os.geteuid() == 0 else ""
         d = workdir
-        (workdir / "nginx.conf").write_text(
-            f"""{user}daemon off;
-master_process on;
-worker_processes 2;
-pid {d}/nginx.pid;
-error_log {d}/error.log notice;
-events {{ worker_connections 256; }}
-http {{
-    default_type application/octet-stream;
-    access_log {d}/access.log;
-    client_body_temp_path {d}/client_body;
-    fastcgi_temp_path {d}/fastcgi;
-    proxy_temp_path {d}/proxy;
-    uwsgi_temp_path {d}/uwsgi;
-    scgi_temp_path {d}/scgi;
-    include {d}/site.conf;
-}}
-"""
-        )
+        (workdir / "nginx.conf").write_text(main_config(workdir))
         base = [NGINX, "-p", f"{d}/", "-c", str(d / "nginx.conf"), "-e", str(d / "error.log")]
         check = subprocess.run([*base, "-t", "-q"], capture_output=True, text=True, check=False)
         if check.returncode != 0:
