@@ -101,7 +101,8 @@ class IIPApp:
             tokens = tokenize(request)
             if self.settings.status_endpoint and request.upper() == "STATUS":
                 return self._status()
-            material = self._key_material(tokens, request)
+            resolved: dict[str, str] = {}
+            material = self._key_material(tokens, request, resolved)
             key = None if material is None else shared_key(self.settings.memcached_prefix, material)
             if key is not None:
                 stored = self.shared.get(key)
@@ -109,7 +110,7 @@ class IIPApp:
                 if found is not None:
                     found.cache = "hit"
                     return self._conditional(environ, found)
-            response = self._answer(environ, request, tokens)
+            response = self._answer(environ, request, tokens, resolved)
             if material is not None and response.status == 200:
                 etag = '"' + hashlib.blake2b(material.encode("utf-8", "surrogateescape"),
                                              digest_size=12).hexdigest() + '"'  # fmt: skip
@@ -121,7 +122,9 @@ class IIPApp:
         except Exception as exc:  # the only place errors become responses
             return self.error_response(exc)
 
-    def _answer(self, environ: dict[str, Any], request: str, tokens: list[Token]) -> Response:
+    def _answer(
+        self, environ: dict[str, Any], request: str, tokens: list[Token], resolved: dict[str, str]
+    ) -> Response:
         if is_visiomatic(tokens):
             return VisiomaticSession(self.settings, self.pool, self.pipeline).run(tokens)
         session = Session(
@@ -131,21 +134,29 @@ class IIPApp:
             request,
             environ.get("HTTP_IF_MODIFIED_SINCE"),
             environ,
+            resolved,
         )
         return session.run(parse_tokens(tokens))
 
-    def _key_material(self, tokens: list[Token], request: str) -> str | None:
+    def _key_material(
+        self, tokens: list[Token], request: str, resolved: dict[str, str]
+    ) -> str | None:
         """What a response depends on: the image file's real path, mtime and size, the
-        settings and the request; None when the request names no readable image file."""
+        settings and the request; None when the request names no readable image file.
+
+        The path resolved here is put in ``resolved`` so that FIF does not resolve it again.
+        """
         fif = next((t for t in tokens if t.key == "fif"), None)
         if fif is None:
             return None
         prefix, suffix = self.settings.filesystem_prefix, self.settings.filesystem_suffix
+        requested = url_decode(fif.argument)
         try:
-            real = paths.resolve(url_decode(fif.argument), prefix, suffix)
+            real = paths.resolve(requested, prefix, suffix)
             stamp = FileStamp.of(real)
         except (IIPServerError, OSError):
             return None
+        resolved[requested] = real
         return f"{self._fingerprint}:{stamp.mtime_ns}:{stamp.size}:{real}:{request}"
 
     def _conditional(self, environ: dict[str, Any], response: Response) -> Response:

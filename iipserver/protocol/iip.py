@@ -88,8 +88,11 @@ class Session:
         request: str,
         if_modified_since: str | None = None,
         environ: Mapping[str, Any] | None = None,
+        resolved: Mapping[str, str] | None = None,
     ) -> None:
         self.settings = settings
+        self.resolved: Mapping[str, str] = resolved or {}
+        """Image paths already resolved for this request (requested → real)."""
         self.environ: Mapping[str, Any] = environ or {}
         self.pool = pool
         self.pipeline = pipeline
@@ -208,7 +211,9 @@ class Session:
         self.view = View(requested_path=path, quality=self.view.quality)
         settings = self.settings
         try:
-            real = paths.resolve(path, settings.filesystem_prefix, settings.filesystem_suffix)
+            real = self.resolved.get(path) or paths.resolve(
+                path, settings.filesystem_prefix, settings.filesystem_suffix
+            )
         except ImageNotFound:
             stem, extension = paths.find_sequence(
                 path, settings.filesystem_prefix, settings.filename_pattern
