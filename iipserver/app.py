@@ -71,7 +71,9 @@ class IIPApp:
         self.settings = settings
         self.pool = SourcePool(settings.max_metadata_cache_size, settings.max_open_files)
         self.pipeline = Pipeline(
-            int(settings.max_image_cache_size * 1_024_000), settings.interpolation
+            int(settings.max_image_cache_size * 1_024_000),
+            settings.interpolation,
+            settings.codec_passthrough,
         )
         self.shared = shared_cache(settings.memcached_servers, settings.memcached_timeout)
         self.requests = 0
@@ -84,6 +86,7 @@ class IIPApp:
         """Empty every in-process cache (on SIGHUP)."""
         self.pool.clear()
         self.pipeline.clear()
+        paths.clear_resolutions()
 
     def handle(self, environ: dict[str, Any]) -> Response:
         """Answer one request (never raises)."""
@@ -181,6 +184,7 @@ class IIPApp:
     def _status(self) -> Response:
         """This worker's counters, as JSON (the ``STATUS_ENDPOINT`` setting)."""
         tiles = self.pipeline.raw_tiles
+        encoded = self.pipeline.encoded_tiles
         body = {
             "version": __version__,
             "pid": os.getpid(),
@@ -188,6 +192,10 @@ class IIPApp:
             "tile_cache": {
                 "entries": len(tiles), "bytes": tiles.size, "limit": tiles.limit,
                 "hits": tiles.hits, "misses": tiles.misses, "evictions": tiles.evictions,
+            },
+            "encoded_tile_cache": {
+                "entries": len(encoded), "bytes": encoded.size, "limit": encoded.limit,
+                "hits": encoded.hits, "misses": encoded.misses, "evictions": encoded.evictions,
             },
             "metadata_cache": {
                 "entries": len(self.pool), "hits": self.pool.hits, "misses": self.pool.misses,

@@ -96,10 +96,18 @@ def finish(
 
 
 class Pipeline:
-    """Produces encoded tiles and regions, keeping decoded raw tiles in a byte-bounded LRU."""
+    """Produces encoded tiles and regions.
 
-    def __init__(self, cache_bytes: int, interpolation: int = 1) -> None:
-        self.raw_tiles: ByteLRU[np.ndarray] = ByteLRU(cache_bytes)
+    ``cache_bytes`` is shared by two byte-bounded LRUs: decoded raw tiles (any rendering of a
+    tile starts from them) and encoded output tiles (a repeated request is answered without
+    decoding or encoding, as iipsrv's tile cache does for JPEG tiles). With ``passthrough``
+    (CODEC_PASSTHROUGH) a stored JPEG tile requested without processing is sent as stored.
+    """
+
+    def __init__(self, cache_bytes: int, interpolation: int = 1, passthrough: bool = True) -> None:
+        self.raw_tiles: ByteLRU[np.ndarray] = ByteLRU(cache_bytes // 2)
+        self.encoded_tiles: ByteLRU[bytes] = ByteLRU(cache_bytes - cache_bytes // 2)
+        self.passthrough = passthrough
         self.interpolation = interpolation
         self._histograms: EntryLRU[tuple[str, int, int], Histogram] = EntryLRU(IMAGES_KEPT)
         self._backgrounds: EntryLRU[tuple[str, int, int], Background] = EntryLRU(IMAGES_KEPT)
@@ -226,15 +234,28 @@ class Pipeline:
         ``histogram_image`` is the image whose histogram CNT=eq|st and COL=binary use (by
         default ``image``; for image sequences iipsrv uses the view at horizontal angle 0).
         """
+        info = image.source.info
+        stamp = image.stamp
+        key = (image.path, stamp.mtime_ns, stamp.size, resolution, index, rendering)
+        media_type = rendering.fmt.media_type
+        data = self.encoded_tiles.get(key)
+        if data is not None:
+            return Encoded(data, media_type)
+        if self.passthrough and rendering.plain(info):
+            data = image.source.stored_jpeg(resolution, index)
+            if data is not None:
+                self.encoded_tiles.put(key, data)
+                return Encoded(data, media_type)
         started = time.perf_counter()
         raw = self.raw_tile(image, resolution, index)
         read = time.perf_counter()
-        info = image.source.info
         rendering, hist = self._prepare(image, rendering, histogram_image)
         table = rendering.needs_float(info) and self.use_table(rendering)
         pixels = finish(develop(raw, info, rendering, table), info, rendering, hist)
         processed = time.perf_counter()
         encoded = encode(pixels, rendering.fmt, rendering.quality)
+        if hist is None:  # output that depends on an image histogram is not kept
+            self.encoded_tiles.put(key, encoded.data)
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
                 "tile %s r=%d t=%d: read %.0f us, process %.0f us, encode %.0f us",
@@ -270,8 +291,9 @@ class Pipeline:
         return encode(pixels, rendering.fmt, rendering.quality)
 
     def clear(self) -> None:
-        """Empty the tile cache and the histograms."""
+        """Empty the tile caches and the histograms."""
         self.raw_tiles.clear()
+        self.encoded_tiles.clear()
         self._histograms.clear()
         self._tone_uses.clear()
         self._backgrounds.clear()

@@ -21,6 +21,8 @@ class Rendering:
     maxs: tuple[float, ...]
     fmt: OutputFormat = OutputFormat.JPEG
     quality: int = 75
+    quality_set: bool = False
+    """QLT was given (a stored JPEG tile is only sent as is at the default quality)."""
     contrast: float = 1.0
     equalise: bool = False
     stretch: bool = False
@@ -48,6 +50,21 @@ class Rendering:
             or self.colormap is not None
             or self.twist is not None
             or self.shade is not None
+        )
+
+
+    def plain(self, info: SourceInfo) -> bool:
+        """Tell whether the output is the stored 8-bit pixels unchanged, as a JPEG at the
+        default quality: then a stored JPEG tile can be sent as is (spec §9.4)."""
+        return (
+            self.fmt is OutputFormat.JPEG
+            and not self.quality_set
+            and not self.needs_float(info)
+            and self.colour is None
+            and not self.equalise
+            and self.rotation % 360 == 0
+            and not self.flip
+            and info.colorspace in ("sRGB", "GREYSCALE")
         )
 
 
@@ -130,6 +147,7 @@ class View:
             maxs=maxs,
             fmt=fmt,
             quality=default_quality if self.quality is None else self.quality,
+            quality_set=self.quality is not None,
             contrast=self.contrast,
             equalise=self.equalise,
             stretch=self.stretch,

@@ -457,8 +457,14 @@ def _reference_process(images: ImageSet, logdir: Path, **settings: str) -> Serve
 
 
 def _our_process(images: ImageSet, logdir: Path, **settings: str) -> ServerProcess:
-    """Our server (not started) over ``images``, with extra environment ``settings``."""
+    """Our server (not started) over ``images``, with extra environment ``settings``.
+
+    CODEC_PASSTHROUGH is off unless ``settings`` turn it on, so that JPEG-in-TIFF tiles are
+    re-encoded as 1.1 does and compared with its answers byte for byte;
+    tests/test_passthrough.py covers the default.
+    """
     env = _server_env(images, logdir / "iipserver.log")
+    env["CODEC_PASSTHROUGH"] = "0"
     env.update(settings)
     repo = str(Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (repo, env.get("PYTHONPATH", "")) if p)
@@ -486,7 +492,10 @@ def reference(
 
 @pytest.fixture(scope="session")
 def ours(images: ImageSet, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    """Our server, ``python -m iipserver fcgi``, on a free port, serving ``images``."""
+    """Our server, ``python -m iipserver fcgi``, on a free port, serving ``images``.
+
+    CODEC_PASSTHROUGH is off (see ``_our_process``).
+    """
     server = _our_process(images, tmp_path_factory.mktemp("iipserver"))
     server.start()
     yield server

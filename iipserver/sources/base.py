@@ -148,6 +148,16 @@ class ImageSource(Protocol):
         """Return the pixels of a rectangle of ``resolution`` (clipped to the level)."""
         ...
 
+    def stored_jpeg(self, resolution: int, index: int) -> bytes | None:
+        """Return tile ``index`` as a complete JPEG stream when it is stored as one whose
+        decoded pixels are exactly what ``read_tile`` returns (8-bit grey or RGB, a full-size
+        tile); None otherwise. No pixel is decoded.
+
+        Raises:
+            ResolutionNotFound, TileNotFound, ImageReadError: as ``read_tile``.
+        """
+        ...
+
     def close(self) -> None:
         """Release open file handles; the source reopens them on the next read."""
         ...

@@ -36,6 +36,40 @@ _METADATA_TAGS = {
 
 _DEFAULT_MAX = {8: 255.0, 12: 4095.0, 16: 65535.0, 32: 4294967295.0}
 
+_SOI, _EOI, _SOS, _APP14 = b"\xff\xd8", b"\xff\xd9", 0xDA, 0xEE
+
+
+def _says_rgb(stream: bytes) -> bool:
+    """True if a decoder will read the stream's three components as RGB rather than YCbCr:
+    an APP14 "Adobe" marker, or components identified as 'R', 'G', 'B' (libjpeg's rules)."""
+    pos = 2
+    while pos + 4 <= len(stream) and stream[pos] == 0xFF:
+        marker = stream[pos + 1]
+        if marker == _SOS:
+            break
+        if marker == _APP14 and stream[pos + 4 : pos + 9] == b"Adobe":
+            return True
+        if marker in (0xC0, 0xC1, 0xC2) and stream[pos + 9 : pos + 10] == b"\x03":
+            ids = stream[pos + 10 : pos + 19 : 3]
+            return ids == b"RGB"
+        pos += 2 + int.from_bytes(stream[pos + 2 : pos + 4], "big")
+    return False
+
+
+def _jpeg_passable(page: tifffile.TiffPage) -> bool:
+    """True if the page's tiles are JPEG streams a browser decodes to the stored pixels."""
+    return (
+        page.is_tiled
+        and int(page.compression) == 7
+        and int(page.bitspersample) == 8
+        and int(page.sampleformat) == 1
+        and (
+            (int(page.samplesperpixel) == 1 and int(page.photometric) == 1)
+            or (int(page.samplesperpixel) == 3 and int(page.photometric) in (2, 6))
+        )
+        and (int(page.planarconfig) == 1 or int(page.samplesperpixel) == 1)
+    )
+
 
 def _is_mask(page: tifffile.TiffPage) -> bool:
     return bool(int(page.subfiletype) & 4)
@@ -150,6 +184,12 @@ class TiffSource:
                 for page in pages:  # build each decode closure while the file is open
                     _ = page.decode
                 self._pages = pages[::-1]  # IIP order: smallest first
+                # per level: stored JPEG tables, or None when its tiles cannot be sent as is
+                self._passable: list[bytes | None] = [
+                    (page.jpegtables or b"") if _jpeg_passable(page) else None
+                    for page in self._pages
+                ]
+                self._rgb_jpeg = [int(page.photometric) == 2 for page in self._pages]
                 self.info = self._read_info(pages)
         except (tifffile.TiffFileError, ValueError, OSError, IndexError, KeyError) as exc:
             raise ImageReadError(f"unreadable TIFF ({exc.__class__.__name__})") from exc
@@ -278,6 +318,35 @@ class TiffSource:
                 parts.append(self._decode(fd, page, plane * per_plane + index, h, w))
         tile = parts[0] if planes == 1 else np.concatenate(parts, axis=2)
         return self._finish(tile)
+
+    def stored_jpeg(self, resolution: int, index: int) -> bytes | None:
+        """Return a full-size stored JPEG tile as one stream (see ``ImageSource.stored_jpeg``):
+        the page's JPEGTables (without their EOI) spliced before the tile (without its SOI)."""
+        page = self._page(resolution)
+        tables = self._passable[resolution]
+        if tables is None or self._palette is not None:
+            return None
+        level = self.info.levels[resolution]
+        if not 0 <= index < level.tile_count:
+            raise TileNotFound(f"Asked for non-existent tile: {index}")
+        _, _, w, h = level.tile_box(index)
+        if w != level.tile_width or h != level.tile_height:
+            return None  # an edge tile is stored padded: decode and crop it
+        offset = int(page.dataoffsets[index])
+        count = int(page.databytecounts[index])
+        if not count:
+            return None
+        with self._file() as fd:
+            data = os.pread(fd, count, offset)
+        if len(data) != count or data[:2] != _SOI:
+            return None  # let the decoding path report the damage
+        if tables:
+            if tables[:2] != _SOI or tables[-2:] != _EOI:
+                return None
+            data = tables[:-2] + data[2:]
+        if self._rgb_jpeg[resolution] and not _says_rgb(data):
+            return None  # RGB components a browser would take for YCbCr
+        return data
 
     def _decode(self, fd: int, page: tifffile.TiffPage, segment: int, h: int, w: int) -> np.ndarray:
         offset = int(page.dataoffsets[segment])

@@ -141,5 +141,9 @@ class ZarrSource:
             data = data[:, :, None]
         return data
 
+    def stored_jpeg(self, resolution: int, index: int) -> bytes | None:
+        """zarr chunks are never sent as stored (see ``ImageSource.stored_jpeg``)."""
+        return None
+
     def close(self) -> None:
         """Nothing to release: zarr opens chunk files per read."""
