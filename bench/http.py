@@ -1,18 +1,35 @@
 """HTTP side by side: nginx + iipserver against nginx + Debian's iipsrv 1.1, tiles per busy core.
 
-    python bench/http.py [--seconds 5] [--repeat 3] [--json out.json] [--keep DIR]
+    python bench/http.py [--seconds 5] [--repeat 3] [--concurrency 1,8,32] [--size 8192]
+                         [--json out.json] [--results bench/RESULTS.md] [--smoke]
 
-One run generates seeded data (a 4096×4096 float32 star field with SMin/SMax, and a 4096×4096
-RGB JPEG-in-TIFF pyramid, one IFD per level), starts the shipped nginx site
-(nginx/iipserver.conf, port and upstream substituted as tests/test_nginx.py does) twice: in
-front of ``python -m iipserver fcgi --workers 2`` and in front of two ``iipsrv.fcgi`` processes
-(two upstream ``server`` lines). For each scenario (random JTL tiles over all levels of the RGB
-pyramid; VisiOmatic-style MINMAX+GAM+CTW float tiles) the same seeded URL list is played
-against both at concurrency 1 and 8 with wrk (a Lua URL rotator that also counts any answer
-other than 200 image/jpeg), or with a Python keep-alive client if wrk is missing. It measures
-tiles/s, p50/p99 latency and the CPU time of every server-side process (nginx master and
-workers, the daemons and their workers; /proc/<pid>/stat utime+stime+cutime+cstime of every
-process in their sessions), and reports medians over the repeats and the iipserver/iipsrv ratios.
+One command, one run: it makes (or reuses) the seeded data of bench/make_data.py (an 8192×8192
+float32 star field with SMin/SMax, an 8192×8192 RGB JPEG pyramid and a 3-band float cube, tiled
+pyramidal BigTIFF), starts the shipped nginx site (nginx/iipserver.conf, port and upstream
+substituted as tests/test_nginx.py does) in front of ``python -m iipserver fcgi --workers 2``
+and, beside it, in front of two ``iipsrv.fcgi`` 1.1 processes (``OMP_NUM_THREADS=1``, two
+``server`` lines), same cache settings; then replays the same seeded URL lists against both, at
+each concurrency, with wrk (one thread, a Lua URL rotator that counts any answer other than
+``200 image/jpeg`` as an error) or a Python keep-alive client if wrk is missing:
+
+- ``rgb-tiles``: random tiles over every level of the JPEG RGB pyramid, no processing;
+- ``float-minmax-gam``: every float tile × 8 MINMAX+GAM settings, shuffled, each URL once in a
+  cycle longer than any tile cache (uncached tiles);
+- ``visiomatic-float``: random float tiles with MINMAX+GAM+CTW, one setting (what a VisiOmatic
+  session asks for, repeats included);
+- ``cube-ctw``: random tiles of the 3-band cube mixed to colour with CTW;
+- ``memcached-hits``: 1000 processed float tiles replayed from memcached (each stack then has
+  its own memcached, started here, warmed with one pass first);
+- ``scaling``: iipserver with one worker against two, ``float-minmax-gam``.
+
+It reads the CPU time of every server-side process (nginx master and workers, the daemons and
+their workers, memcached; /proc/<pid>/stat utime+stime+cutime+cstime of every process in their
+sessions) and reports tiles/s, **tiles per busy server core**, p50/p99 latency and the
+iipserver/iipsrv ratios, medians over the repeats (the two servers alternate within each
+repeat, so a ratio compares runs seconds apart). ``--results`` rewrites the generated section
+of bench/RESULTS.md (table, bars, date, machine, command); ``--json`` keeps every run.
+``--smoke`` is the 10-second version the test suite runs: small data, one repeat, one second
+per run, no ratio asserted.
 """
 
 from __future__ import annotations
@@ -40,23 +57,30 @@ import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
 
 REPO = _HERE.parent
 sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(1, str(_HERE))
 
 import numpy as np  # noqa: E402
-from images import pyramid_levels, smin_smax_tags, write_pyramid  # noqa: E402
+from make_data import DataFile, make_data, tile_urls  # noqa: E402
 from nginx_site import NGINX, main_config, site_config  # noqa: E402
 
 IIPSRV = os.environ.get("IIPSRV_BINARY", "/usr/lib/iipimage-server/iipsrv.fcgi")
 WRK = shutil.which("wrk") or ""
+MEMCACHED = shutil.which("memcached") or shutil.which("memcached", path="/usr/bin:/usr/sbin") or ""
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 ENDPOINT = "/fcgi-bin/iipsrv.fcgi"
+DEFAULT_DATA = Path(tempfile.gettempdir()) / "iipserver-bench-data"
 
-SCENARIOS = {
-    "rgb-jpeg": "FIF=rgb.tif&JTL={r},{i}",
-    "visiomatic-float": "FIF=sky.tif&MINMAX=1:95,900&GAM=0.4545&CTW=1;1;1&JTL={r},{i}",
-}
+#: (name, with, target, description): the issue's bars, checked on the tiles-per-core ratio.
+BARS = [
+    ("float-minmax-gam", 1.5, "uncached float32 tiles, MINMAX+GAM"),
+    ("rgb-tiles", 3.0, "unprocessed tiles of a JPEG RGB pyramid"),
+    ("memcached-hits", 1.5, "memcached-hit replays"),
+]
+SCALING_TARGET = 1.8
 
 LUA = r"""
 paths = {}
@@ -91,53 +115,75 @@ function done(summary, latency, requests)
 end
 """
 
-
 # --------------------------------------------------------------------------------------------
-# Data
+# Scenarios
+
+TONES = [(95, 900, 0.4545), (95, 900, 0.6), (90, 1500, 0.4545), (90, 1500, 0.8),
+         (100, 600, 0.5), (100, 600, 1.5), (80, 3000, 0.35), (80, 3000, 2.0)]  # fmt: skip
 
 
-def sky_image(width: int, height: int, seed: int = 7) -> np.ndarray:
-    """Noise around 100 with 2000 gaussian stars in 15×15 stamps (as bench/cache.py)."""
-    rng = np.random.default_rng(seed)
-    sky = rng.normal(100.0, 5.0, size=(height, width)).astype(np.float32)
-    yy, xx = np.mgrid[-7:8, -7:8]
-    for _ in range(2000):
-        x, y = int(rng.integers(7, width - 8)), int(rng.integers(7, height - 8))
-        stamp = rng.uniform(50, 5000) * np.exp(-(xx**2 + yy**2) / (2 * rng.uniform(0.8, 2.5) ** 2))
-        sky[y - 7 : y + 8, x - 7 : x + 8] += stamp.astype(np.float32)
-    return sky
+@dataclass
+class Scenario:
+    name: str
+    group: str
+    """``plain`` (the stacks without memcached) or ``memcached``."""
+    paths: list[str]
+    file: Path = field(default=Path())
 
 
-def make_data(root: Path, size: int = 4096) -> dict[str, int]:
-    """Write sky.tif (float32 + SMin/SMax) and rgb.tif (JPEG tiles); return levels per file."""
-    sky = sky_image(size, size)
-    sky_levels = pyramid_levels(sky)
-    write_pyramid(root / "sky.tif", sky_levels, extratags=smin_smax_tags([90.0], [1500.0]))
-    # An RGB picture with JPEG-typical content: stretched stars, gradients and texture.
-    stretch = np.arcsinh((sky - 100.0) / 20.0)
-    stretch = np.clip(stretch / 5.0, 0, 1)
-    y, x = np.mgrid[0:size, 0:size].astype(np.float32) / size
-    rng = np.random.default_rng(11)
-    noise = rng.normal(0, 6, size=(size, size)).astype(np.float32)
-    rgb = np.empty((size, size, 3), dtype=np.uint8)
-    rgb[..., 0] = np.clip(255 * stretch + 80 * x + noise, 0, 255)
-    rgb[..., 1] = np.clip(255 * np.roll(stretch, 37, axis=1) + 60 * y + noise, 0, 255)
-    rgb[..., 2] = np.clip(120 + 100 * np.sin(12 * x) * np.cos(9 * y) + noise, 0, 255)
-    rgb_levels = pyramid_levels(rgb)
-    write_pyramid(root / "rgb.tif", rgb_levels, compression="jpeg", photometric="rgb")
-    return {"sky.tif": len(sky_levels), "rgb.tif": len(rgb_levels)}
+def every_tile(data_file: DataFile) -> list[tuple[int, int]]:
+    return [
+        (r, i)
+        for r in range(data_file.levels)
+        for i in range(data_file.grid(r)[0] * data_file.grid(r)[1])
+    ]
 
 
-def url_list(template: str, size: int, levels: int, count: int, seed: int) -> list[str]:
-    """``count`` seeded random tiles over all levels (resolution 0 = smallest)."""
-    rng = np.random.default_rng(seed)
-    tiles = []
-    for r in range(levels):
-        side = size >> (levels - 1 - r)
-        n = -(-side // 256)
-        tiles += [(r, i) for i in range(n * n)]
-    picks = rng.integers(0, len(tiles), size=count)
-    return [f"{ENDPOINT}?" + template.format(r=tiles[k][0], i=tiles[k][1]) for k in picks]
+def unique_float_urls(sky: DataFile, seed: int) -> list[str]:
+    """Every tile of sky.tif under each of TONES, shuffled: no URL twice within a cycle."""
+    urls = [
+        f"{ENDPOINT}?FIF={sky.name}&MINMAX=1:{lo},{hi}&GAM={g}&JTL={r},{i}"
+        for lo, hi, g in TONES
+        for r, i in every_tile(sky)
+    ]
+    order = np.random.default_rng(seed).permutation(len(urls))
+    return [urls[k] for k in order]
+
+
+def scenarios(files: dict[str, DataFile], count: int) -> dict[str, Scenario]:
+    sky, rgb, cube = files["sky.tif"], files["rgb.tif"], files["cube.tif"]
+    floats = unique_float_urls(sky, seed=1)
+    out = [
+        Scenario(
+            "rgb-tiles", "plain", tile_urls(ENDPOINT, "FIF=rgb.tif&JTL={r},{i}", rgb, count, 2)
+        ),
+        Scenario("float-minmax-gam", "plain", floats),
+        Scenario(
+            "visiomatic-float",
+            "plain",
+            tile_urls(
+                ENDPOINT,
+                "FIF=sky.tif&MINMAX=1:95,900&GAM=0.4545&CTW=1;1;1&JTL={r},{i}",
+                sky,
+                count,
+                3,
+            ),
+        ),
+        Scenario(
+            "cube-ctw",
+            "plain",
+            tile_urls(
+                ENDPOINT,
+                "FIF=cube.tif&MINMAX=1:70,300&MINMAX=2:80,300&MINMAX=3:110,400&GAM=0.5"
+                "&CTW=[1,0.5,0;0,1,0;0,0.5,1]&JTL={r},{i}",
+                cube,
+                count,
+                4,
+            ),
+        ),
+        Scenario("memcached-hits", "memcached", floats[:1000]),
+    ]
+    return {s.name: s for s in out}
 
 
 # --------------------------------------------------------------------------------------------
@@ -195,7 +241,7 @@ class Procs:
                 os.killpg(proc.pid, signal.SIGKILL)
 
 
-def daemon_env(images: Path) -> dict[str, str]:
+def daemon_env(images: Path, **extra: str) -> dict[str, str]:
     keep = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "VIRTUAL_ENV", "PYTHONPATH")
     env = {k: v for k, v in os.environ.items() if k in keep}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
@@ -203,6 +249,7 @@ def daemon_env(images: Path) -> dict[str, str]:
         OMP_NUM_THREADS="1", TZ="UTC", FILESYSTEM_PREFIX=f"{images}/", VERBOSITY="0",
         LOGFILE="/dev/null",
     )  # fmt: skip
+    env.update(extra)
     return env
 
 
@@ -246,11 +293,14 @@ def session_cpu(sessions: set[int]) -> float:
 # Load generators
 
 
-def run_wrk(port: int, paths_file: Path, lua: Path, conc: int, seconds: float) -> dict:
+def run_wrk(
+    port: int, paths_file: Path, lua: Path, conc: int, seconds: float, offset: int = 0
+) -> dict:
+    """wrk with one thread and ``conc`` connections, rotating over the URL file from ``offset``."""
     duration = f"{max(1, round(seconds))}s"  # wrk takes whole seconds
     argv = [
         WRK, "-t", "1", "-c", str(conc), "-d", duration, "--timeout", "10s", "-s", str(lua),
-        f"http://127.0.0.1:{port}", "--", str(paths_file), str(conc * 7919),
+        f"http://127.0.0.1:{port}", "--", str(paths_file), str(offset),
     ]  # fmt: skip
     done = subprocess.run(argv, capture_output=True, text=True, check=False)
     if done.returncode != 0:
@@ -270,7 +320,7 @@ def run_wrk(port: int, paths_file: Path, lua: Path, conc: int, seconds: float) -
     }
 
 
-def run_python(port: int, paths: list[str], conc: int, seconds: float) -> dict:
+def run_python(port: int, paths: list[str], conc: int, seconds: float, offset: int = 0) -> dict:
     """Threads with http.client keep-alive connections; same rotation as the Lua script."""
     latencies: list[list[float]] = [[] for _ in range(conc)]
     errors = [0] * conc
@@ -278,7 +328,7 @@ def run_python(port: int, paths: list[str], conc: int, seconds: float) -> dict:
 
     def worker(k: int) -> None:
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-        idx = (k * 7919) % len(paths)
+        idx = (offset + k * 7919) % len(paths)
         while time.perf_counter() < stop:
             t0 = time.perf_counter()
             try:
@@ -321,16 +371,19 @@ def fetch_body(port: int, path: str) -> bytes:
         conn.close()
 
 
-def compare_servers(stacks: dict, paths: list[str]) -> dict:
-    """Decoded-pixel difference between the two servers' answers for ``paths``."""
+def compare_servers(ports: tuple[int, int], paths: list[str]) -> dict:
+    """Decoded-pixel difference between the answers of (iipserver, iipsrv) for ``paths``."""
     import simplejpeg
 
-    worst, means, sizes = 0, [], {"iipserver": 0, "iipsrv": 0}
+    worst, means, sizes = 0, [], [0, 0]
     for path in paths:
-        bodies = {name: fetch_body(stack["port"], path) for name, stack in stacks.items()}
-        for name, body in bodies.items():
-            sizes[name] += len(body)
-        a, b = (simplejpeg.decode_jpeg(bodies[n]) for n in ("iipserver", "iipsrv"))
+        bodies = [fetch_body(port, path) for port in ports]
+        for k, body in enumerate(bodies):
+            sizes[k] += len(body)
+        try:
+            a, b = (simplejpeg.decode_jpeg(body) for body in bodies)
+        except ValueError as exc:
+            return {"problem": f"{path}: {exc}"}
         if a.shape != b.shape:
             return {"problem": f"{path}: shapes {a.shape} vs {b.shape}"}
         diff = np.abs(a.astype(np.int16) - b.astype(np.int16))
@@ -338,8 +391,8 @@ def compare_servers(stacks: dict, paths: list[str]) -> dict:
     return {
         "tiles": len(paths),
         "max_abs_diff": worst,
-        "mean_abs_diff": float(np.mean(means)),
-        "mean_bytes": {k: v / len(paths) for k, v in sizes.items()},
+        "mean_abs_diff": round(float(np.mean(means)), 3),
+        "mean_bytes": {"iipserver": sizes[0] / len(paths), "iipsrv": sizes[1] / len(paths)},
     }
 
 
@@ -359,24 +412,91 @@ def check_once(port: int, path: str) -> str | None:
 
 
 # --------------------------------------------------------------------------------------------
-# Main
+# Stacks
 
 
-def measure(stack: dict, scenario: dict, conc: int, seconds: float, wrk_files) -> dict:
-    before = session_cpu(stack["sessions"])
-    before_nginx = session_cpu(stack["nginx"])
-    if wrk_files is not None:
-        res = run_wrk(stack["port"], scenario["file"], wrk_files, conc, seconds)
+@dataclass
+class Stack:
+    """nginx in front of one server, with the sessions whose CPU time is the server's."""
+
+    name: str
+    port: int
+    sessions: set[int]
+    nginx: set[int]
+
+
+def start_memcached(procs: Procs) -> tuple[str, int]:
+    port = free_port()
+    argv = [MEMCACHED, "-l", "127.0.0.1", "-p", str(port), "-U", "0", "-m", "256"]
+    if os.geteuid() == 0:
+        argv += ["-u", "root"]
+    proc = procs.start(f"memcached-{port}", argv, os.environ.copy())
+    wait_port(proc, port, "memcached")
+    return f"127.0.0.1:{port}", proc.pid
+
+
+def start_stack(
+    procs: Procs, work: Path, name: str, images: Path, workers: int, memcached: bool
+) -> Stack:
+    """``iipserver`` (one daemon, ``workers`` workers) or ``iipsrv`` (``workers`` processes)."""
+    extra: dict[str, str] = {}
+    sessions: set[int] = set()
+    if memcached:
+        address, pid = start_memcached(procs)
+        extra["MEMCACHED_SERVERS"] = address
+        sessions.add(pid)
+    env = daemon_env(images, **extra)
+    upstreams = []
+    if name.startswith("iipserver"):
+        port = free_port()
+        argv = [sys.executable, "-m", "iipserver", "fcgi", "--bind", f"127.0.0.1:{port}",
+                "--workers", str(workers)]  # fmt: skip
+        proc = procs.start(name, argv, env)
+        wait_port(proc, port, name)
+        upstreams.append(f"127.0.0.1:{port}")
+        sessions.add(proc.pid)
     else:
-        res = run_python(stack["port"], scenario["paths"], conc, seconds)
-    cpu = session_cpu(stack["sessions"]) - before
-    res["nginx_share"] = (session_cpu(stack["nginx"]) - before_nginx) / cpu if cpu > 0 else 0.0
-    ok = res["requests"] - res["errors"]
-    res["cpu_s"] = cpu
-    res["tiles_per_s"] = ok / res["seconds"]
-    res["tiles_per_core_s"] = ok / cpu if cpu > 0 else 0.0
-    res["busy_cores"] = cpu / res["seconds"]
-    return res
+        for n in range(workers):
+            port = free_port()
+            proc = procs.start(f"{name}{n}", [IIPSRV, "--bind", f"127.0.0.1:{port}"], env)
+            wait_port(proc, port, f"{name}{n}")
+            upstreams.append(f"127.0.0.1:{port}")
+            sessions.add(proc.pid)
+    port = free_port()
+    ng = start_nginx(procs, work / f"nginx-{name}", port, upstreams)
+    return Stack(name, port, sessions | {ng.pid}, {ng.pid})
+
+
+# --------------------------------------------------------------------------------------------
+# Measuring
+
+
+class Runner:
+    """Runs one load against one stack and turns it into figures."""
+
+    def __init__(self, lua: Path | None, seconds: float) -> None:
+        self.lua = lua
+        self.seconds = seconds
+        self.offsets: dict[str, int] = {}
+
+    def load(self, stack: Stack, sc: Scenario, conc: int, seconds: float, offset: int) -> dict:
+        if self.lua is not None:
+            return run_wrk(stack.port, sc.file, self.lua, conc, seconds, offset)
+        return run_python(stack.port, sc.paths, conc, seconds, offset)
+
+    def measure(self, stack: Stack, sc: Scenario, conc: int, offset: int) -> dict:
+        before = session_cpu(stack.sessions)
+        before_nginx = session_cpu(stack.nginx)
+        res = self.load(stack, sc, conc, self.seconds, offset)
+        cpu = session_cpu(stack.sessions) - before
+        nginx = session_cpu(stack.nginx) - before_nginx
+        ok = res["requests"] - res["errors"]
+        res["cpu_s"] = cpu
+        res["nginx_share"] = nginx / cpu if cpu > 0 else 0.0
+        res["tiles_per_s"] = ok / res["seconds"]
+        res["tiles_per_core_s"] = ok / cpu if cpu > 0 else 0.0
+        res["busy_cores"] = cpu / res["seconds"]
+        return res
 
 
 def summarise(runs: list[dict]) -> dict:
@@ -388,6 +508,13 @@ def summarise(runs: list[dict]) -> dict:
     return out
 
 
+def ratios(a: dict, b: dict) -> dict:
+    return {
+        k: (a[k] / b[k] if b[k] else float("nan"))
+        for k in ("tiles_per_s", "tiles_per_core_s", "p50_ms", "p99_ms")
+    }
+
+
 def table(results: dict) -> str:
     lines = [
         "| scenario | conc | server | tiles/s | p50 ms | p99 ms | busy cores | nginx share "
@@ -396,38 +523,207 @@ def table(results: dict) -> str:
     ]
     for key, per in results.items():
         name, conc = key.rsplit("@c", 1)
-        for server in ("iipserver", "iipsrv"):
+        servers = [s for s in per if s != "ratio"]
+        for server in servers:
             s = per[server]
             lines.append(
                 f"| {name} | {conc} | {server} | {s['tiles_per_s']:.0f} | {s['p50_ms']:.2f} | "
                 f"{s['p99_ms']:.2f} | {s['busy_cores']:.2f} | {100 * s['nginx_share']:.0f} % | "
-                f"{s['tiles_per_core_s']:.0f} | "
-                f"{s['errors']} / {s['requests']} |"
+                f"{s['tiles_per_core_s']:.0f} | {s['errors']} / {s['requests']} |"
             )
         r = per["ratio"]
+        label = "iipserver/iipsrv" if "iipsrv" in servers[-1] else f"{servers[0]}/{servers[1]}"
         lines.append(
-            f"| {name} | {conc} | **ratio iipserver/iipsrv** | **{r['tiles_per_s']:.2f}** | "
+            f"| {name} | {conc} | **ratio {label}** | **{r['tiles_per_s']:.2f}** | "
             f"{r['p50_ms']:.2f} | {r['p99_ms']:.2f} | | | **{r['tiles_per_core_s']:.2f}** | |"
         )
     return "\n".join(lines)
 
 
+def bars(results: dict, concs: list[int]) -> list[dict]:
+    """The issue's bars against this run's medians."""
+    out = []
+    for name, target, what in BARS:
+        got = [
+            results[f"{name}@c{c}"]["ratio"]["tiles_per_core_s"]
+            for c in concs
+            if f"{name}@c{c}" in results
+        ]
+        if got:
+            out.append(
+                {
+                    "bar": f"{what}: tiles per busy core ≥ {target}× iipsrv",
+                    "measured": [round(g, 2) for g in got],
+                    "met": min(got) >= target,
+                }
+            )
+    scaling = [k for k in results if k.startswith("scaling@")]
+    if scaling:
+        got = [results[k]["ratio"]["tiles_per_s"] for k in scaling]
+        out.append(
+            {
+                "bar": f"two workers ≥ {SCALING_TARGET}× one worker (tiles/s)",
+                "measured": [round(g, 2) for g in got],
+                "met": min(got) >= SCALING_TARGET,
+            }
+        )
+    top = max(concs)
+    p99 = [
+        (k, v["ratio"]["p99_ms"])
+        for k, v in results.items()
+        if k.endswith(f"@c{top}") and not k.startswith("scaling")
+    ]
+    if p99:
+        out.append(
+            {
+                "bar": f"p99 latency at concurrency {top} no worse than iipsrv's (ratio ≤ 1)",
+                "measured": {k.split("@")[0]: round(v, 2) for k, v in p99},
+                "met": all(v <= 1.0 for _, v in p99),
+            }
+        )
+    return out
+
+
+RESULTS_BEGIN = "<!-- bench/http.py: begin generated section -->"
+RESULTS_END = "<!-- bench/http.py: end generated section -->"
+
+
+def markdown(doc: dict) -> str:
+    lines = [
+        RESULTS_BEGIN,
+        f"Generated {doc['date']} on {doc['machine']} by `{doc['command']}` "
+        f"({doc['client']}, {doc['seconds']:.0f} s per run, medians of {doc['repeat']} "
+        f"repeats; data: {doc['data']}).",
+        "",
+        table(doc["results"]),
+        "",
+        "| bar | measured | met |",
+        "|---|---|---|",
+    ]
+    for bar in doc["bars"]:
+        lines.append(f"| {bar['bar']} | {bar['measured']} | {'yes' if bar['met'] else '**no**'} |")
+    lines += ["", "Pixel agreement (decoded, first 30 URLs of each scenario):", ""]
+    for name, agreement in doc["agreement"].items():
+        lines.append(f"- {name}: {agreement}")
+    lines.append(RESULTS_END)
+    return "\n".join(lines)
+
+
+def write_results(path: Path, doc: dict) -> None:
+    """Replace the generated section of ``path`` (appended when there is none)."""
+    text = path.read_text() if path.exists() else "# Benchmark results\n"
+    section = markdown(doc)
+    if RESULTS_BEGIN in text and RESULTS_END in text:
+        head, rest = text.split(RESULTS_BEGIN, 1)
+        tail = rest.split(RESULTS_END, 1)[1]
+        text = head + section + tail
+    else:
+        text = text.rstrip("\n") + "\n\n## HTTP side by side (bench/http.py)\n\n" + section + "\n"
+    path.write_text(text)
+
+
+# --------------------------------------------------------------------------------------------
+# Main
+
+
+def warm(stacks: list[Stack], sc: Scenario, runner: Runner, everything: bool) -> None:
+    """Fill caches and fork workers; with ``everything``, request each URL once."""
+    for stack in stacks:
+        if everything:
+            conn = http.client.HTTPConnection("127.0.0.1", stack.port, timeout=30)
+            for path in sc.paths:
+                conn.request("GET", path)
+                conn.getresponse().read()
+            conn.close()
+        else:
+            runner.load(stack, sc, 2, 1.0, 0)
+
+
+def run_group(  # noqa: C901
+    group: str, names: list[str], scs: dict[str, Scenario], args, runner: Runner,
+    procs: Procs, work: Path, images: Path, raw: dict, agreement: dict,
+) -> None:  # fmt: skip
+    """Start the group's stacks, check, warm and measure its scenarios, stop the stacks."""
+    memcached = group == "memcached"
+    if memcached and not MEMCACHED:
+        print("WARNING memcached is not installed: memcached-hits skipped", file=sys.stderr)
+        return
+    started = len(procs.procs)
+    stacks = [
+        start_stack(procs, work, "iipserver", images, 2, memcached),
+        start_stack(procs, work, "iipsrv", images, 2, memcached),
+    ]
+    if group == "scaling":
+        stacks = [stacks[0], start_stack(procs, work, "iipserver-1w", images, 1, False)]
+    try:
+        for name in names:
+            sc = scs[name]
+            for stack in stacks:
+                for path in sc.paths[:10]:
+                    problem = check_once(stack.port, path)
+                    if problem:
+                        print(f"WARNING {stack.name} {name} {path}: {problem}", file=sys.stderr)
+            if group != "scaling":
+                agreement[name] = compare_servers((stacks[0].port, stacks[1].port), sc.paths[:30])
+                print(f"pixels {name}: {agreement[name]}", file=sys.stderr)
+            warm(stacks, sc, runner, everything=memcached)
+        label = "scaling" if group == "scaling" else None
+        for rep in range(args.repeat):
+            for name in names:
+                sc = scs[name]
+                for conc in runner.concs:
+                    key = f"{label or name}@c{conc}"
+                    offset = runner.offsets.get(name, 0)
+                    for stack in stacks:
+                        res = runner.measure(stack, sc, conc, offset)
+                        raw.setdefault(key, {}).setdefault(stack.name, []).append(res)
+                        print(
+                            f"run {rep + 1} {key:24s} {stack.name:12s} "
+                            f"{res['tiles_per_s']:7.0f} tiles/s {res['tiles_per_core_s']:6.0f} "
+                            f"per core-s  p50 {res['p50_ms']:.2f} ms  p99 {res['p99_ms']:.2f} ms"
+                            f"  cores {res['busy_cores']:.2f}  errors {res['errors']}",
+                            file=sys.stderr,
+                        )
+                    # the next run starts where this one's requests ended (unique lists)
+                    runner.offsets[name] = offset + max(
+                        int(raw[key][stacks[0].name][-1]["requests"]), 1
+                    )
+        died = [p.args[0] for p in procs.procs[started:] if p.poll() is not None]
+        if died:
+            print(f"WARNING processes exited during the run: {died}", file=sys.stderr)
+    finally:
+        for proc in procs.procs[started:]:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in procs.procs[started:]:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=10)
+
+
 def main() -> None:  # noqa: C901
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--seconds", type=float, default=5.0, help="per run (default 5)")
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--concurrency", default="1,8")
-    parser.add_argument("--urls", type=int, default=4000, help="URLs per scenario list")
+    parser.add_argument("--concurrency", default="1,8,32")
+    parser.add_argument("--size", type=int, default=8192, help="side of sky.tif and rgb.tif")
+    parser.add_argument("--urls", type=int, default=4000, help="URLs per random scenario")
+    parser.add_argument("--scenarios", help="comma-separated subset (default: all)")
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="data folder (cached)")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--results", type=Path, help="rewrite this RESULTS.md's section")
     parser.add_argument("--client", choices=["auto", "wrk", "python"], default="auto")
     parser.add_argument("--keep", type=Path, help="work folder kept afterwards (default: tmp)")
+    parser.add_argument("--smoke", action="store_true", help="10-second version (tests)")
     args = parser.parse_args()
+    if args.smoke:
+        args.seconds, args.repeat, args.size, args.urls = 1.0, 1, 1024, 300
+        args.concurrency = "8"
+        args.scenarios = args.scenarios or "rgb-tiles,float-minmax-gam,memcached-hits,scaling"
     if not NGINX:
         sys.exit("nginx is not installed")
     if not os.access(IIPSRV, os.X_OK):
         sys.exit(f"iipsrv is not installed ({IIPSRV})")
     use_wrk = args.client == "wrk" or (args.client == "auto" and bool(WRK))
-    concs = [int(c) for c in args.concurrency.split(",")]
 
     tmp = None
     if args.keep:
@@ -436,107 +732,65 @@ def main() -> None:  # noqa: C901
     else:
         tmp = tempfile.mkdtemp(prefix="iipbench-")
         work = Path(tmp)
-    images = work / "images"
-    images.mkdir(exist_ok=True)
+    images = args.data / str(args.size)
     procs = Procs(work)
     try:
         t0 = time.perf_counter()
-        levels = make_data(images)
-        print(f"data: {levels} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
-        scenarios = {}
-        for k, (name, template) in enumerate(SCENARIOS.items()):
-            fif = template.split("&", 1)[0].removeprefix("FIF=")
-            paths = url_list(template, 4096, levels[fif], args.urls, seed=100 + k)
-            file = work / f"{name}.urls"
-            file.write_text("\n".join(paths) + "\n")
-            scenarios[name] = {"paths": paths, "file": file}
+        files = make_data(images, args.size)
+        print(f"data: {images} ({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
+        scs = scenarios(files, args.urls)
+        for sc in scs.values():
+            sc.file = work / f"{sc.name}.urls"
+            sc.file.write_text("\n".join(sc.paths) + "\n")
+        wanted = args.scenarios.split(",") if args.scenarios else [*scs, "scaling"]
+        unknown = [w for w in wanted if w not in scs and w != "scaling"]
+        if unknown:
+            sys.exit(f"unknown scenarios: {unknown}; known: {[*scs, 'scaling']}")
         lua = None
         if use_wrk:
             lua = work / "rotate.lua"
             lua.write_text(LUA)
-
-        env = daemon_env(images)
-        stacks = {}
-        p1 = free_port()
-        ours = procs.start(
-            "iipserver",
-            [sys.executable, "-m", "iipserver", "fcgi", "--bind", f"127.0.0.1:{p1}",
-             "--workers", "2"],
-            env,
-        )  # fmt: skip
-        wait_port(ours, p1, "iipserver")
-        port = free_port()
-        ng = start_nginx(procs, work / "nginx-iipserver", port, [f"127.0.0.1:{p1}"])
-        stacks["iipserver"] = {"port": port, "sessions": {ours.pid, ng.pid}, "nginx": {ng.pid}}
-        upstreams, sessions = [], set()
-        for n in range(2):
-            p = free_port()
-            proc = procs.start(f"iipsrv{n}", [IIPSRV, "--bind", f"127.0.0.1:{p}"], env)
-            wait_port(proc, p, f"iipsrv{n}")
-            upstreams.append(f"127.0.0.1:{p}")
-            sessions.add(proc.pid)
-        port = free_port()
-        ng = start_nginx(procs, work / "nginx-iipsrv", port, upstreams)
-        stacks["iipsrv"] = {"port": port, "sessions": sessions | {ng.pid}, "nginx": {ng.pid}}
-
-        for server, stack in stacks.items():
-            for name, sc in scenarios.items():
-                for path in sc["paths"][:20]:
-                    problem = check_once(stack["port"], path)
-                    if problem:
-                        print(f"WARNING {server} {name} {path}: {problem}", file=sys.stderr)
-            for sc in scenarios.values():  # warm-up: fill caches, fork workers
-                if lua is not None:
-                    run_wrk(stack["port"], sc["file"], lua, 2, max(1.0, args.seconds / 2))
-                else:
-                    run_python(stack["port"], sc["paths"], 2, max(1.0, args.seconds / 2))
-
-        agreement = {}
-        for name, sc in scenarios.items():
-            agreement[name] = compare_servers(stacks, sc["paths"][:50])
-            print(f"pixels {name}: {agreement[name]}", file=sys.stderr)
+        runner = Runner(lua, args.seconds)
+        runner.concs = [int(c) for c in args.concurrency.split(",")]  # type: ignore[attr-defined]
 
         raw: dict[str, dict[str, list[dict]]] = {}
-        for rep in range(args.repeat):
-            for name, sc in scenarios.items():
-                for conc in concs:
-                    key = f"{name}@c{conc}"
-                    for server, stack in stacks.items():
-                        res = measure(stack, sc, conc, args.seconds, lua)
-                        raw.setdefault(key, {}).setdefault(server, []).append(res)
-                        print(
-                            f"run {rep + 1} {key:24s} {server:9s} {res['tiles_per_s']:7.0f} "
-                            f"tiles/s  {res['tiles_per_core_s']:6.0f} per core-s  "
-                            f"p50 {res['p50_ms']:.2f} ms  p99 {res['p99_ms']:.2f} ms  "
-                            f"cores {res['busy_cores']:.2f}  errors {res['errors']}",
-                            file=sys.stderr,
-                        )
+        agreement: dict[str, dict] = {}
+        groups = [
+            ("plain", [n for n in wanted if n in scs and scs[n].group == "plain"]),
+            ("memcached", [n for n in wanted if n in scs and scs[n].group == "memcached"]),
+            ("scaling", ["float-minmax-gam"] if "scaling" in wanted else []),
+        ]
+        for group, names in groups:
+            if names:
+                run_group(group, names, scs, args, runner, procs, work, images, raw, agreement)
+
         results: dict[str, dict] = {}
         for key, per in raw.items():
             summary = {server: summarise(runs) for server, runs in per.items()}
-            a, b = summary["iipserver"], summary["iipsrv"]
-            summary["ratio"] = {
-                k: (a[k] / b[k] if b[k] else float("nan"))
-                for k in ("tiles_per_s", "tiles_per_core_s", "p50_ms", "p99_ms")
-            }
+            first, second = list(summary)
+            summary["ratio"] = ratios(summary[first], summary[second])
             results[key] = summary
-        died = [p.args[0] for p in procs.procs if p.poll() is not None]
-        if died:
-            print(f"WARNING processes exited during the run: {died}", file=sys.stderr)
         print(table(results))
+        doc = {
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}, "
+            f"Python {platform.python_version()}",
+            "command": "python bench/http.py " + " ".join(sys.argv[1:]),
+            "client": "wrk" if lua is not None else "python",
+            "seconds": args.seconds,
+            "repeat": args.repeat,
+            "data": f"{args.size}×{args.size} ({', '.join(files)})",
+            "results": results,
+            "bars": bars(results, runner.concs),  # type: ignore[attr-defined]
+            "agreement": agreement,
+            "runs": raw,
+        }
+        for bar in doc["bars"]:
+            print(f"{'MET ' if bar['met'] else 'NOT MET'} {bar['bar']}: {bar['measured']}")
         if args.json:
-            doc = {
-                "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-                "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.platform()}",
-                "command": " ".join(sys.argv),
-                "client": "wrk" if lua is not None else "python",
-                "seconds": args.seconds,
-                "repeat": args.repeat,
-                "results": results,
-                "agreement": agreement,
-                "runs": raw,
-            }
             args.json.write_text(json.dumps(doc, indent=2))
+        if args.results:
+            write_results(args.results, doc)
     finally:
         procs.stop_all()
         if tmp is not None:

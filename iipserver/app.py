@@ -235,14 +235,11 @@ class IIPApp:
         data = environ["wsgi.input"].read(length)
         return bytes(data).decode("latin-1").strip()
 
-    def __call__(
-        self, environ: dict[str, Any], start_response: WSGIStartResponse
-    ) -> Iterable[bytes]:
-        """WSGI entry point."""
+    def respond(self, environ: dict[str, Any]) -> Response:
+        """Answer one request and log it; a HEAD answer keeps its headers but no body."""
         started = time.perf_counter()
         self.requests += 1
         response = self.handle(environ)
-        start_response(response.status_line, response.headers)
         if log.isEnabledFor(logging.INFO):
             log.info(
                 "%s %s -> %d (%d bytes, %.1f ms%s)",
@@ -253,8 +250,16 @@ class IIPApp:
                 (time.perf_counter() - started) * 1e3,
                 f", shared cache {response.cache}" if response.cache else "",
             )
-        if str(environ.get("REQUEST_METHOD", "GET")).upper() == "HEAD":
-            return [b""]
+        if response.body and str(environ.get("REQUEST_METHOD", "GET")).upper() == "HEAD":
+            response = Response(response.status, response.headers, b"", response.cache)
+        return response
+
+    def __call__(
+        self, environ: dict[str, Any], start_response: WSGIStartResponse
+    ) -> Iterable[bytes]:
+        """WSGI entry point."""
+        response = self.respond(environ)
+        start_response(response.status_line, response.headers)
         return [response.body]
 
 

@@ -122,6 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="listen queue length (default %(default)s)",
     )
+    fcgi.add_argument(
+        "--engine",
+        choices=("iipserver", "flup"),
+        default="iipserver",
+        help="FastCGI record layer: iipserver's own (default, ~3x less CPU per request) or flup's",
+    )
 
     serve = commands.add_parser(
         "serve",
@@ -202,6 +208,7 @@ def _run(args: argparse.Namespace) -> int:
             socket_mode=args.socket_mode,
             max_requests=args.max_requests,
             backlog=args.backlog,
+            engine=args.engine,
         ),
     )
 

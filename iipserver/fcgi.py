@@ -1,6 +1,9 @@
-"""FastCGI daemon: a fixed pool of pre-forked workers speaking FastCGI through flup.
+"""FastCGI daemon: a fixed pool of pre-forked workers.
 
-flup (``flup.server.fcgi_fork.WSGIServer``) provides the FastCGI record layer, the
+Each worker speaks FastCGI with one of two engines: :mod:`iipserver.fastcgi` (the default, our
+own lean responder) or flup, kept as ``--engine flup`` for comparison and as a fallback.
+
+With flup, ``flup.server.fcgi_fork.WSGIServer`` provides the FastCGI record layer, the
 WSGI adaptor and its non-debug error page. Its ``PreforkServer`` parent loop is not used: on
 Python ≥ 3.5 it does not notice ``SIGTERM`` until the next request arrives (its ``select`` is
 retried after the signal handler returns, PEP 475), and its ``SIGHUP`` handling tears the pool
@@ -31,7 +34,7 @@ from typing import Any
 from flup.server.fcgi_base import FCGI_STDERR, FCGI_STDOUT, Connection, FCGI_Header, Record
 from flup.server.fcgi_fork import WSGIServer
 
-from iipserver import prefork
+from iipserver import fastcgi, prefork
 from iipserver.app import make_app
 from iipserver.errors import ConfigError
 from iipserver.logs import banner, log_settings
@@ -69,6 +72,8 @@ class Options:
     max_requests: int = 0
     """Requests a worker serves before it is replaced (0: no limit)."""
     backlog: int = socket.SOMAXCONN
+    engine: str = "iipserver"
+    """``iipserver`` (:mod:`iipserver.fastcgi`) or ``flup``."""
 
 
 #: Queued response bytes sent before the response ends (a large CVT goes out in pieces).
@@ -318,12 +323,18 @@ def run(settings: Settings, options: Options) -> int:
         log_settings(settings, "FastCGI server")
 
         def worker_main(lifeline: int) -> int:
-            worker = FastCGIWorker(
-                make_app(settings),
-                listener.sock,
-                bind_address=options.bind,
-                max_requests=options.max_requests,
-            )
+            worker: FastCGIWorker | fastcgi.Worker
+            if options.engine == "flup":
+                worker = FastCGIWorker(
+                    make_app(settings),
+                    listener.sock,
+                    bind_address=options.bind,
+                    max_requests=options.max_requests,
+                )
+            else:
+                worker = fastcgi.Worker(
+                    make_app(settings), listener.sock, max_requests=options.max_requests
+                )
             wake = prefork.worker_signals(worker.request_stop, worker.request_hup)
             return worker.serve(lifeline, wake)
 

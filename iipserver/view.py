@@ -52,7 +52,6 @@ class Rendering:
             or self.shade is not None
         )
 
-
     def plain(self, info: SourceInfo) -> bool:
         """Tell whether the output is the stored 8-bit pixels unchanged, as a JPEG at the
         default quality: then a stored JPEG tile can be sent as is (spec §9.4)."""

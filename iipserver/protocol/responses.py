@@ -5,7 +5,6 @@ from __future__ import annotations
 import email.utils
 import html
 import json
-import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -38,6 +37,8 @@ class Response:
     body: bytes = b""
     cache: str = ""
     """How the shared cache took part (``hit``, ``miss``, ``store``), for the log."""
+    stored: bytes | memoryview | None = field(default=None, repr=False, compare=False)
+    """The CGI output this response was unpacked from (sent as is by ``cgi()``)."""
 
     def header(self, name: str) -> str | None:
         """The value of header ``name`` (case-insensitive), or None."""
@@ -45,30 +46,47 @@ class Response:
         return next((v for k, v in self.headers if k.lower() == lower), None)
 
     def pack(self) -> bytes:
-        """Bytes to store in the shared cache: status, headers (JSON) and body; never pickle."""
-        head = json.dumps(self.headers, separators=(",", ":")).encode()
-        return _PACKED + struct.pack(">HI", self.status, len(head)) + head + self.body
+        """Bytes to store in the shared cache: a marker, then the CGI output (``cgi()``), so
+        that a hit is sent as stored; never pickle."""
+        return _PACKED + self.cgi()
 
     @classmethod
     def unpack(cls, data: bytes) -> Response | None:
-        """Rebuild a stored response (None if the bytes are not one)."""
-        if not data.startswith(_PACKED) or len(data) < len(_PACKED) + 6:
+        """Rebuild a stored response (None if the bytes are not one); ``cgi()`` of the result
+        returns the stored bytes without formatting them again."""
+        if not data.startswith(_PACKED):
             return None
-        status, size = struct.unpack_from(">HI", data, len(_PACKED))
-        start = len(_PACKED) + 6
+        start = len(_PACKED)
+        end = data.find(b"\r\n\r\n", start)
+        if end < 0:
+            return None
         try:
-            headers = [(str(k), str(v)) for k, v in json.loads(data[start : start + size])]
-        except (ValueError, TypeError):
+            lines = data[start:end].decode("latin-1").split("\r\n")
+            status = int(lines[0].removeprefix("Status: ")[:3])
+            headers = [(k, v) for k, _, v in (line.partition(": ") for line in lines[1:])]
+        except ValueError:
             return None
-        return cls(status, headers, data[start + size :])
+        response = cls(status, headers, data[end + 4 :])
+        response.stored = memoryview(data)[start:]
+        return response
 
     @property
     def status_line(self) -> str:
         """WSGI status string, e.g. ``200 OK``."""
         return f"{self.status} {STATUS_TEXT.get(self.status, 'Unknown')}"
 
+    def cgi(self) -> bytes:
+        """The response as CGI output (``Status:`` line, headers, blank line, body), the form
+        a FastCGI responder sends; header text is latin-1 as WSGI's."""
+        if self.stored is not None:
+            return bytes(self.stored)
+        head = f"Status: {self.status_line}\r\n" + "".join(
+            f"{name}: {value}\r\n" for name, value in self.headers
+        )
+        return (head + "\r\n").encode("latin-1") + self.body
 
-_PACKED = b"IIPSRV1\n"
+
+_PACKED = b"IIPSRV2\n"
 
 
 def http_date(timestamp: float) -> str:
