@@ -435,10 +435,27 @@ def start_memcached(procs: Procs) -> tuple[str, int]:
     return f"127.0.0.1:{port}", proc.pid
 
 
+def wait_unix(proc: subprocess.Popen, path: Path, name: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{name} exited with status {proc.returncode} at start-up")
+        try:
+            with socket.socket(socket.AF_UNIX) as sock:
+                sock.connect(str(path))
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{name} not listening on {path}") from None
+            time.sleep(0.05)
+
+
 def start_stack(
-    procs: Procs, work: Path, name: str, images: Path, workers: int, memcached: bool
-) -> Stack:
-    """``iipserver`` (one daemon, ``workers`` workers) or ``iipsrv`` (``workers`` processes)."""
+    procs: Procs, work: Path, name: str, images: Path, workers: int, memcached: bool,
+    transport: str = "unix",
+) -> Stack:  # fmt: skip
+    """``iipserver`` (one daemon, ``workers`` workers) or ``iipsrv`` (``workers`` processes),
+    reached by nginx over Unix sockets (as nginx/iipserver.conf ships) or loopback TCP."""
     extra: dict[str, str] = {}
     sessions: set[int] = set()
     if memcached:
@@ -447,21 +464,29 @@ def start_stack(
         sessions.add(pid)
     env = daemon_env(images, **extra)
     upstreams = []
-    if name.startswith("iipserver"):
-        port = free_port()
-        argv = [sys.executable, "-m", "iipserver", "fcgi", "--bind", f"127.0.0.1:{port}",
-                "--workers", str(workers)]  # fmt: skip
-        proc = procs.start(name, argv, env)
-        wait_port(proc, port, name)
-        upstreams.append(f"127.0.0.1:{port}")
-        sessions.add(proc.pid)
-    else:
-        for n in range(workers):
+    count = 1 if name.startswith("iipserver") else workers
+    for n in range(count):
+        label = name if count == 1 else f"{name}{n}"
+        if transport == "unix":
+            path = work / f"{label}.sock"
+            path.unlink(missing_ok=True)
+            bind, upstream = str(path), f"unix:{path}"
+        else:
             port = free_port()
-            proc = procs.start(f"{name}{n}", [IIPSRV, "--bind", f"127.0.0.1:{port}"], env)
-            wait_port(proc, port, f"{name}{n}")
-            upstreams.append(f"127.0.0.1:{port}")
-            sessions.add(proc.pid)
+            bind = upstream = f"127.0.0.1:{port}"
+        if name.startswith("iipserver"):
+            ours = f"unix:{bind}" if transport == "unix" else bind
+            argv = [sys.executable, "-m", "iipserver", "fcgi", "--bind", ours,
+                    "--workers", str(workers)]  # fmt: skip
+        else:
+            argv = [IIPSRV, "--bind", bind]
+        proc = procs.start(label, argv, env)
+        if transport == "unix":
+            wait_unix(proc, Path(bind), label)
+        else:
+            wait_port(proc, int(bind.rsplit(":", 1)[1]), label)
+        upstreams.append(upstream)
+        sessions.add(proc.pid)
     port = free_port()
     ng = start_nginx(procs, work / f"nginx-{name}", port, upstreams)
     return Stack(name, port, sessions | {ng.pid}, {ng.pid})
@@ -593,7 +618,7 @@ def markdown(doc: dict) -> str:
         RESULTS_BEGIN,
         f"Generated {doc['date']} on {doc['machine']} by `{doc['command']}` "
         f"({doc['client']}, {doc['seconds']:.0f} s per run, medians of {doc['repeat']} "
-        f"repeats; data: {doc['data']}).",
+        f"repeats; nginx to the daemons over {doc['transport']} sockets; data: {doc['data']}).",
         "",
         table(doc["results"]),
         "",
@@ -649,12 +674,17 @@ def run_group(  # noqa: C901
         print("WARNING memcached is not installed: memcached-hits skipped", file=sys.stderr)
         return
     started = len(procs.procs)
-    stacks = [
-        start_stack(procs, work, "iipserver", images, 2, memcached),
-        start_stack(procs, work, "iipsrv", images, 2, memcached),
-    ]
+    t = args.transport
     if group == "scaling":
-        stacks = [stacks[0], start_stack(procs, work, "iipserver-1w", images, 1, False)]
+        stacks = [
+            start_stack(procs, work, "iipserver", images, 2, False, t),
+            start_stack(procs, work, "iipserver-1w", images, 1, False, t),
+        ]
+    else:
+        stacks = [
+            start_stack(procs, work, "iipserver", images, 2, memcached, t),
+            start_stack(procs, work, "iipsrv", images, 2, memcached, t),
+        ]
     try:
         for name in names:
             sc = scs[name]
@@ -712,6 +742,10 @@ def main() -> None:  # noqa: C901
     parser.add_argument("--json", type=Path)
     parser.add_argument("--results", type=Path, help="rewrite this RESULTS.md's section")
     parser.add_argument("--client", choices=["auto", "wrk", "python"], default="auto")
+    parser.add_argument(
+        "--transport", choices=["unix", "tcp"], default="unix",
+        help="nginx to the daemons: Unix sockets (as shipped, default) or loopback TCP",
+    )  # fmt: skip
     parser.add_argument("--keep", type=Path, help="work folder kept afterwards (default: tmp)")
     parser.add_argument("--smoke", action="store_true", help="10-second version (tests)")
     args = parser.parse_args()
@@ -780,6 +814,7 @@ def main() -> None:  # noqa: C901
             "seconds": args.seconds,
             "repeat": args.repeat,
             "data": f"{args.size}×{args.size} ({', '.join(files)})",
+            "transport": args.transport,
             "results": results,
             "bars": bars(results, runner.concs),  # type: ignore[attr-defined]
             "agreement": agreement,

@@ -217,6 +217,10 @@ class Worker:
         sock.setblocking(False)
         listen_fd = sock.fileno()
         tcp = sock.family in (socket.AF_INET, socket.AF_INET6)
+        if tcp:  # accepted TCP sockets inherit these (Linux); Unix ones do not
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _TIMEOUT)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _TIMEOUT)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         while not self.stopping:
             self.apply_hup()
             ready, _, _ = select.select([listen_fd, lifeline, wake], [], [])
@@ -239,12 +243,12 @@ class Worker:
                 conn.close()
                 continue
             try:
-                conn.setblocking(True)
-                # kernel timeouts: no poll() before every recv and send
-                conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _TIMEOUT)
-                conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _TIMEOUT)
-                if tcp:
-                    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                # a blocking socket with kernel timeouts: no poll() before every recv and send
+                if not tcp or sys.platform != "linux":
+                    conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _TIMEOUT)
+                    conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _TIMEOUT)
+                    if tcp:
+                        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 self.connection(conn)
             except (OSError, ProtocolViolation) as exc:
                 log.info("connection dropped: %s", exc)

@@ -60,18 +60,40 @@ def tone_of(rendering: Rendering) -> transforms.Tone:
     )
 
 
+def levels_of(info: SourceInfo, rendering: Rendering) -> transforms.Levels | None:
+    """The rendering as one per-value chain from the stored values, when it is one."""
+    if rendering.shade is not None or info.colorspace == "CIELAB" or not rendering.mins:
+        return None
+    if info.channels == 1:
+        twist = None if rendering.twist is None else rendering.twist[:1]
+        return transforms.Levels(rendering.mins[0], rendering.maxs[0], twist, tone_of(rendering))
+    if (
+        rendering.twist is None
+        and rendering.colormap is None
+        and len(set(rendering.mins)) == 1
+        and len(set(rendering.maxs)) == 1
+    ):
+        return transforms.Levels(rendering.mins[0], rendering.maxs[0], None, tone_of(rendering))
+    return None
+
+
 def develop(
     tile: np.ndarray, info: SourceInfo, rendering: Rendering, use_table: bool = False
 ) -> np.ndarray:
     """Raw pixels to 8-bit: CIELAB conversion, then the float pipeline when it applies.
 
     Order (spec §10): normalise → SHD → CTW → GAM/log → INV → CMP → contrast and quantise.
-    With ``use_table`` the last four go through a cached lookup table with the same result.
+    With ``use_table`` the chain goes through a cached lookup table with the same result: from
+    the stored values when it is one per-value function (``levels_of``), else from CTW on.
     """
     if info.colorspace == "CIELAB" and tile.dtype == np.uint8:
         tile = transforms.lab_to_srgb(tile)
     if not rendering.needs_float(info):
         return tile
+    if use_table and transforms.levels_supported(tile.dtype):
+        levels = levels_of(info, rendering)
+        if levels is not None:
+            return transforms.apply_levels(tile, levels)
     data = transforms.normalise(tile, rendering.mins, rendering.maxs)
     if rendering.shade is not None:
         data = transforms.shade(data, *rendering.shade)
@@ -111,13 +133,14 @@ class Pipeline:
         self.interpolation = interpolation
         self._histograms: EntryLRU[tuple[str, int, int], Histogram] = EntryLRU(IMAGES_KEPT)
         self._backgrounds: EntryLRU[tuple[str, int, int], Background] = EntryLRU(IMAGES_KEPT)
-        self._tone_uses: EntryLRU[transforms.Tone, int] = EntryLRU(256)
+        self._tone_uses: EntryLRU[transforms.Tone | transforms.Levels, int] = EntryLRU(256)
 
-    def use_table(self, rendering: Rendering) -> bool:
-        """Count a use of the rendering's tone curve; True once it has been used enough."""
-        tone = tone_of(rendering)
-        uses = (self._tone_uses.get(tone) or 0) + 1
-        self._tone_uses.put(tone, uses)
+    def use_table(self, info: SourceInfo, rendering: Rendering) -> bool:
+        """Count a use of the rendering's chain; True once it has been used enough to be
+        worth a table."""
+        curve = levels_of(info, rendering) or tone_of(rendering)
+        uses = (self._tone_uses.get(curve) or 0) + 1
+        self._tone_uses.put(curve, uses)
         return uses >= TABLE_AFTER_USES
 
     def raw_tile(self, image: OpenedImage, resolution: int, index: int) -> np.ndarray:
@@ -250,7 +273,7 @@ class Pipeline:
         raw = self.raw_tile(image, resolution, index)
         read = time.perf_counter()
         rendering, hist = self._prepare(image, rendering, histogram_image)
-        table = rendering.needs_float(info) and self.use_table(rendering)
+        table = rendering.needs_float(info) and self.use_table(info, rendering)
         pixels = finish(develop(raw, info, rendering, table), info, rendering, hist)
         processed = time.perf_counter()
         encoded = encode(pixels, rendering.fmt, rendering.quality)

@@ -7,7 +7,7 @@ function reads settings, does I/O or keeps state.
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -405,53 +405,212 @@ _TONE_SHIFT = 12
 class ToneTable:
     """Output per float32 bucket (the top 20 bits of the value), flagged where it varies.
 
-    ``packed`` is uint32 with the output bytes in bytes 0–2 (R, G, B for a colour map, else
-    byte 0) and byte 3 set to 1 where the output is not constant over the bucket; those
-    values are computed exactly.
+    ``packed`` holds the output byte(s) and a flag set where the output is not constant over
+    the bucket: uint16 (byte 0, flag in byte 1) for one output channel, uint32 (R, G, B in
+    bytes 0–2, flag in byte 3) for a colour map. The finite
+    buckets that vary (a few hundred: where the output steps) have a block of the exact
+    output of each of their 4096 values: ``block_of[bucket]`` is the row of ``blocks``
+    (-1 for none); values in no block (non-finite ones) are computed exactly.
     """
 
     packed: np.ndarray
     colour: bool
+    block_of: np.ndarray | None = None
+    blocks: np.ndarray | None = None
+    """(blocks, 4096, output channels) uint8."""
+
+
+#: Most varying buckets given a block of exact outputs (4 KiB, or 12 KiB for colour, each).
+MAX_BLOCKS = 4096
+
+
+def _bucket_table(
+    exact: Callable[[np.ndarray], np.ndarray],
+    before_colormap: Callable[[np.ndarray], np.ndarray] | None,
+    colormap: str | None,
+) -> ToneTable:
+    """Table of ``exact`` over the 2^20 float32 buckets (the top 20 bits of a value).
+
+    ``exact`` must be monotone within each colour-map piece (pieces are found by applying
+    ``before_colormap``): then a bucket whose two ends give the same bytes is constant, and
+    the others are flagged to be computed exactly.
+    """
+    keys = np.arange(1 << (32 - _TONE_SHIFT), dtype=np.uint32) << _TONE_SHIFT
+    ends = [keys.view(_F32), (keys | ((1 << _TONE_SHIFT) - 1)).view(_F32)]
+    with np.errstate(all="ignore"):
+        out = [exact(e.reshape(-1, 1, 1)).reshape(len(keys), -1) for e in ends]
+        varies = np.any(out[0] != out[1], axis=1)
+        varies |= (keys >> 23 & 0xFF) == 0xFF  # infinities and NaNs
+        if colormap in _PIECES and before_colormap is not None:
+            edges = np.array(_PIECES[colormap], dtype=_F32)
+            inputs = [before_colormap(e.reshape(-1, 1, 1)).ravel() for e in ends]
+            varies |= np.searchsorted(edges, inputs[0]) != np.searchsorted(edges, inputs[1])
+            varies |= np.isnan(inputs[0]) | np.isnan(inputs[1])
+    channels = out[0].shape[1]
+    if channels == 1:  # half the memory, so more of the table stays in the CPU cache
+        packed = out[0][:, 0].astype(np.uint16) | (varies.astype(np.uint16) << 8)
+    else:
+        packed = np.zeros(len(keys), dtype=np.uint32)
+        for channel in range(channels):
+            packed |= out[0][:, channel].astype(np.uint32) << (8 * channel)
+        packed |= varies.astype(np.uint32) << 24
+    finite = np.flatnonzero(varies & ((keys >> 23 & 0xFF) != 0xFF))
+    if finite.size > MAX_BLOCKS:
+        return ToneTable(packed, channels == 3)
+    block_of = np.full(len(keys), -1, dtype=np.int32)
+    block_of[finite] = np.arange(finite.size, dtype=np.int32)
+    low = np.arange(1 << _TONE_SHIFT, dtype=np.uint32)
+    blocks = np.empty((finite.size, 1 << _TONE_SHIFT, channels), dtype=np.uint8)
+    with np.errstate(all="ignore"):
+        for start in range(0, finite.size, 256):
+            part = keys[finite[start : start + 256], None] | low[None, :]
+            values = part.reshape(-1, 1, 1).view(_F32)
+            blocks[start : start + 256] = exact(values).reshape(-1, 1 << _TONE_SHIFT, channels)
+    return ToneTable(packed, channels == 3, block_of, blocks)
 
 
 @functools.lru_cache(maxsize=8)
 def tone_table(tone: Tone) -> ToneTable:
     """Build the table for ``tone``: each output is monotone in the value within a colour-map
     piece, so a bucket whose two ends give the same bytes (and lie in one piece) is constant."""
-    keys = np.arange(1 << (32 - _TONE_SHIFT), dtype=np.uint32) << _TONE_SHIFT
-    ends = [keys.view(_F32), (keys | ((1 << _TONE_SHIFT) - 1)).view(_F32)]
-    with np.errstate(all="ignore"):
-        out = [tone.exact(e.reshape(-1, 1, 1)).reshape(len(keys), -1) for e in ends]
-        varies = np.any(out[0] != out[1], axis=1)
-        varies |= (keys >> 23 & 0xFF) == 0xFF  # infinities and NaNs
-        if tone.colormap in _PIECES:
-            edges = np.array(_PIECES[tone.colormap], dtype=_F32)
-            inputs = [tone._before_colormap(e) for e in ends]
-            varies |= np.searchsorted(edges, inputs[0]) != np.searchsorted(edges, inputs[1])
-            varies |= np.isnan(inputs[0]) | np.isnan(inputs[1])
-    packed = np.zeros(len(keys), dtype=np.uint32)
-    for channel in range(out[0].shape[1]):
-        packed |= out[0][:, channel].astype(np.uint32) << (8 * channel)
-    packed |= varies.astype(np.uint32) << 24
-    return ToneTable(packed, out[0].shape[1] == 3)
+    return _bucket_table(tone.exact, tone._before_colormap, tone.colormap)
 
 
-def apply_tone(data: np.ndarray, tone: Tone) -> np.ndarray:
-    """``tone.exact(data)`` through the cached table; varying buckets are computed exactly."""
+def _lookup(
+    data: np.ndarray, table: ToneTable, exact: Callable[..., np.ndarray], by_position: bool = False
+) -> np.ndarray:
+    """Float32 ``data`` through ``table``; flagged buckets through ``exact``, which is given
+    the flagged values as (n, 1, 1), and with ``by_position`` also their flat positions."""
     data = np.ascontiguousarray(data, dtype=_F32)
-    table = tone_table(tone)
+    channels = 3 if table.colour else 1
+
+    def compute(values: np.ndarray, fix: np.ndarray) -> np.ndarray:
+        """Exact outputs (n, channels) of the flagged values: from the blocks, else computed."""
+        bits = values.reshape(-1).view(np.uint32)[fix]
+        result = np.empty((fix.size, channels), dtype=np.uint8)
+        rest = np.arange(fix.size)
+        if table.block_of is not None and table.blocks is not None:
+            block = table.block_of[bits >> _TONE_SHIFT]
+            found = block >= 0
+            result[found] = table.blocks[block[found], bits[found] & ((1 << _TONE_SHIFT) - 1)]
+            rest = np.flatnonzero(~found)
+        if rest.size:
+            picked = values.reshape(-1)[fix[rest]].reshape(-1, 1, 1)
+            done = exact(picked, fix[rest]) if by_position else exact(picked)
+            result[rest] = done.reshape(rest.size, channels)
+        return result
+
     if table.colour:  # a colour map reads channel 0 and writes RGB
         values = np.ascontiguousarray(data[:, :, 0])
         looked = np.take(table.packed, values.view(np.uint32) >> _TONE_SHIFT)
         fix = np.flatnonzero(looked >= 1 << 24)
         rgba = looked.view(np.uint8).reshape(*values.shape, 4)
         if fix.size:
-            exact = tone.exact(values.ravel()[fix].reshape(-1, 1, 1)).reshape(-1, 3)
-            rgba.reshape(-1, 4)[fix, :3] = exact
+            rgba.reshape(-1, 4)[fix, :3] = compute(values, fix).reshape(-1, 3)
         return np.ascontiguousarray(rgba[:, :, :3])
     looked = np.take(table.packed, data.view(np.uint32) >> _TONE_SHIFT)
-    fix = np.flatnonzero(looked >= 1 << 24)
+    fix = np.flatnonzero(looked >= 1 << 8)
     out = looked.astype(np.uint8)
     if fix.size:
-        out.reshape(-1)[fix] = tone.exact(data.reshape(-1)[fix].reshape(-1, 1, 1)).ravel()
+        out.reshape(-1)[fix] = compute(data, fix).ravel()
     return out
+
+
+def apply_tone(data: np.ndarray, tone: Tone) -> np.ndarray:
+    """``tone.exact(data)`` through the cached table; varying buckets are computed exactly."""
+    return _lookup(data, tone_table(tone), tone.exact)
+
+
+# --- the whole chain from stored values, through one table --------------------------------------
+
+
+@dataclass(frozen=True)
+class Levels:
+    """normalise → CTW → tone when every channel goes through the same one-value function:
+    one channel (a CTW on it is one coefficient), or several with one range, no CTW and no
+    colour map. Such a chain can be tabulated over the stored values themselves, skipping
+    the float32 copy that normalising makes (spec §10 order, same arithmetic).
+    """
+
+    low: float
+    high: float
+    twist: tuple[tuple[float, ...], ...] | None
+    tone: Tone
+
+    def exact(self, data: np.ndarray) -> np.ndarray:
+        """The chain computed directly (``data`` as stored, any dtype)."""
+        channels = data.shape[2]
+        out = normalise(data, [self.low] * channels, [self.high] * channels)
+        if self.twist is not None:
+            out = twist(out, self.twist)
+        return self.tone.exact(out)
+
+    def scale(self) -> np.float32:
+        """The float32 factor normalising multiplies by (as ``normalise`` computes it)."""
+        diff = _F32(self.high) - _F32(self.low)
+        return _F32(1.0 / float(diff)) if abs(diff) > 1e-30 else _F32(1e30)
+
+    def from_difference(self, difference: np.ndarray) -> np.ndarray:
+        """The chain on ``value - low`` (float32), the first step of normalising."""
+        with np.errstate(over="ignore", invalid="ignore"):
+            out = difference * self.scale()
+        if self.twist is not None:
+            out = twist(out, self.twist)
+        return self.tone.exact(out)
+
+    def _before_colormap_difference(self, difference: np.ndarray) -> np.ndarray:
+        with np.errstate(over="ignore", invalid="ignore"):
+            out = difference * self.scale()
+        if self.twist is not None:
+            out = twist(out, self.twist)
+        return self.tone._before_colormap(out)
+
+
+#: Stored sample types tabulated exactly, one entry per possible value.
+_DIRECT_TYPES = frozenset({"uint8", "int8", "uint16", "int16"})
+
+
+def levels_supported(dtype: np.dtype) -> bool:
+    """Tell whether ``apply_levels`` takes data of this type."""
+    return dtype == np.float32 or dtype.name in _DIRECT_TYPES
+
+
+@functools.lru_cache(maxsize=8)
+def levels_table(levels: Levels) -> ToneTable:
+    """Table of ``levels`` over float32 buckets of ``value - low`` (buckets of the stored
+    value itself would be too coarse where the value is large and the range narrow). The
+    chain is monotone within a colour-map piece: a product, a scalar CTW, the tone stages."""
+    return _bucket_table(
+        levels.from_difference, levels._before_colormap_difference, levels.tone.colormap
+    )
+
+
+@functools.lru_cache(maxsize=8)
+def levels_lut(levels: Levels, dtype: str) -> np.ndarray:
+    """Exact output for every value of an 8- or 16-bit type: (values, output channels)."""
+    info = np.iinfo(dtype)
+    values = np.arange(info.min, info.max + 1, dtype=np.int64).astype(dtype)
+    with np.errstate(all="ignore"):
+        out = levels.exact(values.reshape(-1, 1, 1))
+    return np.ascontiguousarray(out.reshape(values.size, -1))
+
+
+def apply_levels(data: np.ndarray, levels: Levels) -> np.ndarray:
+    """``levels.exact(data)`` through a cached table (same bytes)."""
+    if data.dtype == np.float32:
+        table = levels_table(levels)
+        with np.errstate(over="ignore", invalid="ignore"):
+            difference = np.subtract(data, _F32(levels.low), dtype=_F32)
+        shape = data.shape
+        raw = data.reshape(-1)
+
+        def exact(_: np.ndarray, fix: np.ndarray) -> np.ndarray:
+            return levels.exact(raw[fix].reshape(-1, 1, 1))
+
+        return _lookup(difference.reshape(shape), table, exact, by_position=True)
+    lut = levels_lut(levels, data.dtype.name)
+    info = np.iinfo(data.dtype)
+    index = data.astype(np.intp) - info.min if info.min else data
+    if lut.shape[1] == 3:  # colour map on one channel
+        return np.take(lut, index[:, :, 0], axis=0)
+    return np.take(lut[:, 0], index)

@@ -242,3 +242,81 @@ def test_tone_table_gives_exactly_the_direct_result(tone):
         np.testing.assert_array_equal(t.apply_tone(data, tone), tone.exact(data))
         three = data.reshape(-1, 1, 3)
         np.testing.assert_array_equal(t.apply_tone(three, tone), tone.exact(three))
+
+
+LEVELS = [
+    t.Levels(95.0, 900.0, None, t.Tone(gamma=0.4545)),
+    t.Levels(95.0, 900.0, ((1.0, 1.0, 1.0),), t.Tone(gamma=0.4545)),  # VisiOmatic's CTW=1;1;1
+    t.Levels(-50.0, 3000.0, ((0.5,),), t.Tone(gamma=2.2, contrast=1.7)),
+    t.Levels(900.0, 95.0, None, t.Tone(log=True)),  # inverted range
+    t.Levels(100.0, 100.0, None, t.Tone()),  # empty range: 1e30 scale
+    t.Levels(0.0, 1000.0, ((-2.0,),), t.Tone(invert=True, colormap="jet")),
+    t.Levels(10.0, 60000.0, ((0.0,),), t.Tone(colormap="hot")),
+    t.Levels(90.0, 1500.0, None, t.Tone(colormap="cold", gamma=0.6)),
+    t.Levels(-3.0e38, 3.0e38, None, t.Tone(gamma=0.5, invert=True, contrast=-1.0)),
+]
+
+
+@pytest.mark.parametrize("levels", LEVELS, ids=repr)
+def test_levels_table_gives_exactly_the_direct_result(levels):
+    """The whole chain tabulated over stored values: same bytes as normalise → CTW → tone."""
+    rng = np.random.default_rng(12)
+    special = np.array(
+        [np.nan, np.inf, -np.inf, 0, -0.0, 95, 900, 100, 1e-30, 1e30, -3.0e38, 3.0e38],
+        dtype=np.float32,
+    )
+    edges = np.arange(0, 1 << 20, 97, dtype=np.uint32) << 12
+    floats = np.concatenate(
+        [
+            rng.normal(100, 5, 30000).astype(np.float32),
+            rng.uniform(-100, 5000, 30000).astype(np.float32),
+            special,
+            edges.view(np.float32),
+            (edges | 0xFFF).view(np.float32),
+            (edges | 0x800).view(np.float32),
+        ]
+    )
+    with np.errstate(all="ignore"):
+        one = floats.reshape(-1, 1, 1)
+        np.testing.assert_array_equal(t.apply_levels(one, levels), levels.exact(one))
+        for dtype in ("uint8", "int8", "uint16", "int16"):
+            info = np.iinfo(dtype)
+            ints = rng.integers(info.min, info.max + 1, size=(300, 7, 1)).astype(dtype)
+            ints[0, :2, 0] = (info.min, info.max)
+            np.testing.assert_array_equal(t.apply_levels(ints, levels), levels.exact(ints))
+        if levels.tone.colormap is None and levels.twist is None:
+            three = floats[: (floats.size // 3) * 3].reshape(-1, 1, 3)
+            np.testing.assert_array_equal(t.apply_levels(three, levels), levels.exact(three))
+
+
+def test_table_and_direct_paths_render_the_same_tiles():
+    """Pipeline level: a tile rendered after the table is built equals the direct rendering."""
+    from iipserver.pipeline import develop, levels_of
+    from iipserver.sources.base import Level, SourceInfo
+    from iipserver.view import Rendering
+
+    rng = np.random.default_rng(4)
+    cases = [
+        (np.float32, 1, dict(mins=(95.0,), maxs=(900.0,), gamma=0.4545, twist=((1.0, 1.0),))),
+        (np.float32, 3, dict(mins=(90.0,) * 3, maxs=(1500.0,) * 3, gamma=0.5)),
+        (np.float32, 3, dict(mins=(90.0, 80, 70), maxs=(1500.0,) * 3, gamma=0.5)),  # no levels
+        (np.float32, 3, dict(mins=(0.0,) * 3, maxs=(1.0,) * 3, twist=((1, 0.5, 0), (0, 1, 0)))),
+        (np.uint16, 1, dict(mins=(0.0,), maxs=(65535.0,), colormap="jet", invert=True)),
+        (np.int16, 1, dict(mins=(-100.0,), maxs=(3000.0,), gamma=2.0)),
+    ]
+    for dtype, channels, fields in cases:
+        raw = (rng.normal(300, 200, (64, 48, channels))).astype(dtype)
+        info = SourceInfo(
+            levels=(Level(48, 64, 256, 256),), channels=channels,
+            bits_per_sample=np.dtype(dtype).itemsize * 8,
+            sample_format="float" if dtype == np.float32 else "int",
+            dtype=np.dtype(dtype).name, min_values=(0.0,) * channels,
+            max_values=(1.0,) * channels, colorspace="GREYSCALE" if channels == 1 else "sRGB",
+        )  # fmt: skip
+        rendering = Rendering(**fields)
+        with np.errstate(all="ignore"):
+            np.testing.assert_array_equal(
+                develop(raw, info, rendering, use_table=True), develop(raw, info, rendering)
+            )
+        expect_levels = not (channels == 3 and (len(set(fields["mins"])) > 1 or "twist" in fields))
+        assert (levels_of(info, rendering) is not None) == expect_levels

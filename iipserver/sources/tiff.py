@@ -56,6 +56,15 @@ def _says_rgb(stream: bytes) -> bool:
     return False
 
 
+def _plain_dtype(page: tifffile.TiffPage, byteorder: str) -> np.dtype | None:
+    """The file's dtype for tiles stored raw (no compression, no predictor, whole bytes)."""
+    if not page.is_tiled or int(page.compression) != 1 or int(page.predictor) != 1:
+        return None
+    if int(page.bitspersample) % 8 or int(page.fillorder) != 1 or page.dtype is None:
+        return None
+    return np.dtype(page.dtype).newbyteorder(">" if byteorder == ">" else "<")
+
+
 def _jpeg_passable(page: tifffile.TiffPage) -> bool:
     """True if the page's tiles are JPEG streams a browser decodes to the stored pixels."""
     return (
@@ -190,6 +199,10 @@ class TiffSource:
                     for page in self._pages
                 ]
                 self._rgb_jpeg = [int(page.photometric) == 2 for page in self._pages]
+                # per level: the stored dtype of plain uncompressed tiles (read without a codec)
+                self._plain: list[np.dtype | None] = [
+                    _plain_dtype(page, tif.byteorder) for page in self._pages
+                ]
                 self.info = self._read_info(pages)
         except (tifffile.TiffFileError, ValueError, OSError, IndexError, KeyError) as exc:
             raise ImageReadError(f"unreadable TIFF ({exc.__class__.__name__})") from exc
@@ -315,7 +328,9 @@ class TiffSource:
         parts = []
         with self._file() as fd:
             for plane in range(planes):
-                parts.append(self._decode(fd, page, plane * per_plane + index, h, w))
+                parts.append(
+                    self._decode(fd, page, plane * per_plane + index, h, w, self._plain[resolution])
+                )
         tile = parts[0] if planes == 1 else np.concatenate(parts, axis=2)
         return self._finish(tile)
 
@@ -348,20 +363,39 @@ class TiffSource:
             return None  # RGB components a browser would take for YCbCr
         return data
 
-    def _decode(self, fd: int, page: tifffile.TiffPage, segment: int, h: int, w: int) -> np.ndarray:
+    def _decode(
+        self,
+        fd: int,
+        page: tifffile.TiffPage,
+        segment: int,
+        h: int,
+        w: int,
+        plain: np.dtype | None = None,
+    ) -> np.ndarray:
         offset = int(page.dataoffsets[segment])
         count = int(page.databytecounts[segment])
+        samples = 1 if int(page.planarconfig) == 2 else int(page.samplesperpixel)
         try:
             data = os.pread(fd, count, offset) if count else None
             if count and len(data or b"") != count:
                 raise ImageReadError("tile data is truncated")
+            if (
+                plain is not None
+                and data
+                and len(data)
+                >= plain.itemsize
+                * samples
+                * (tile_size := int(page.tilelength) * int(page.tilewidth))
+            ):  # raw samples: no codec, no copy
+                array = np.frombuffer(data, plain, samples * tile_size)
+                array = array.reshape(int(page.tilelength), int(page.tilewidth), samples)[:h, :w]
+                return array if plain.isnative else array.astype(plain.newbyteorder("="))
             decoded, _, _ = page.decode(data, segment, jpegtables=page.jpegtables)
         except ImageReadError:
             raise
         except Exception as exc:  # any codec failure is a bad file, not a server fault
             raise ImageReadError(f"tile could not be decoded ({exc.__class__.__name__})") from exc
         if decoded is None:  # empty tile: zeros
-            samples = 1 if int(page.planarconfig) == 2 else int(page.samplesperpixel)
             return np.zeros((h, w, samples), dtype=page.dtype)
         decoded = np.asarray(decoded)
         return decoded.reshape(decoded.shape[-3:])[:h, :w]
