@@ -247,7 +247,7 @@ def daemon_env(images: Path, **extra: str) -> dict[str, str]:
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
     env.update(
         OMP_NUM_THREADS="1", TZ="UTC", FILESYSTEM_PREFIX=f"{images}/", VERBOSITY="0",
-        LOGFILE="/dev/null",
+        LOGFILE="/dev/null", URI_MAP="iiif=>IIIF",
     )  # fmt: skip
     env.update(extra)
     return env
@@ -258,7 +258,8 @@ def start_nginx(procs: Procs, workdir: Path, port: int, upstreams: list[str]) ->
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "site.conf").write_text(site_config(port, upstreams))
     d = workdir
-    (d / "nginx.conf").write_text(main_config(d, access_log=False))
+    # 200 browsers (locust mode) hold ~1200 client connections
+    (d / "nginx.conf").write_text(main_config(d, access_log=False, worker_connections=4096))
     base = [NGINX, "-p", f"{d}/", "-c", str(d / "nginx.conf"), "-e", str(d / "error.log")]
     check = subprocess.run([*base, "-t", "-q"], capture_output=True, text=True, check=False)
     if check.returncode != 0:
@@ -636,15 +637,8 @@ def markdown(doc: dict) -> str:
 
 def write_results(path: Path, doc: dict) -> None:
     """Replace the generated section of ``path`` (appended when there is none)."""
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    section = markdown(doc)
-    if RESULTS_BEGIN in text and RESULTS_END in text:
-        head, rest = text.split(RESULTS_BEGIN, 1)
-        tail = rest.split(RESULTS_END, 1)[1]
-        text = head + section + tail
-    else:
-        text = text.rstrip("\n") + "\n\n## HTTP side by side (bench/http.py)\n\n" + section + "\n"
-    path.write_text(text)
+    heading = "HTTP side by side (bench/http.py)"
+    write_section(path, RESULTS_BEGIN, RESULTS_END, markdown(doc), heading)
 
 
 # --------------------------------------------------------------------------------------------
@@ -730,6 +724,88 @@ def run_group(  # noqa: C901
                 proc.wait(timeout=10)
 
 
+LOCUST_BEGIN = "<!-- bench/http.py --locust: begin generated section -->"
+LOCUST_END = "<!-- bench/http.py --locust: end generated section -->"
+
+
+def run_locust(args, procs: Procs, work: Path, images: Path) -> dict:
+    """``--locust USERS``: bench/locustfile.py's browsers against each nginx front in turn."""
+    import csv
+
+    out = {}
+    for name in ("iipserver", "iipsrv"):
+        started = len(procs.procs)
+        stack = start_stack(procs, work, name, images, 2, False, args.transport)
+        try:
+            prefix = work / f"locust-{name}"
+            before = session_cpu(stack.sessions)
+            argv = [
+                sys.executable, "-m", "locust", "-f", str(_HERE / "locustfile.py"), "--headless",
+                "-u", str(args.locust), "-r", str(max(1, args.locust // 4)),
+                "-t", f"{max(1, round(args.seconds))}s", "--host", f"http://127.0.0.1:{stack.port}",
+                "--only-summary", "--csv", str(prefix), "--loglevel", "WARNING",
+            ]  # fmt: skip
+            done = subprocess.run(argv, capture_output=True, text=True, check=False)
+            cpu = session_cpu(stack.sessions) - before
+            print(done.stdout[-6000:], file=sys.stderr)
+            with open(f"{prefix}_stats.csv", newline="") as f:
+                rows = {row["Name"]: row for row in csv.DictReader(f)}
+            total = rows["Aggregated"]
+            requests = int(total["Request Count"])
+            out[name] = {
+                "requests": requests,
+                "failures": int(total["Failure Count"]),
+                "requests_per_s": float(total["Requests/s"]),
+                "p50_ms": float(total["50%"]),
+                "p95_ms": float(total["95%"]),
+                "p99_ms": float(total["99%"]),
+                "cpu_s": cpu,
+                "requests_per_core_s": requests / cpu if cpu > 0 else 0.0,
+                "kinds": {k: int(v["Request Count"]) for k, v in rows.items() if k != "Aggregated"},
+                "locust_status": done.returncode,
+            }
+        finally:
+            for proc in procs.procs[started:]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGTERM)
+            for proc in procs.procs[started:]:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout=10)
+    return out
+
+
+def locust_markdown(doc: dict) -> str:
+    lines = [
+        LOCUST_BEGIN,
+        f"Generated {doc['date']} on {doc['machine']} by `{doc['command']}` ({doc['users']} "
+        f"simulated browsers for {doc['seconds']:.0f} s against each nginx front; data: "
+        f"{doc['data']}).",
+        "",
+        "| server | requests | failures | req/s | p50 ms | p95 ms | p99 ms | server CPU s "
+        "| requests per core-s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, r in doc["locust"].items():
+        lines.append(
+            f"| {name} | {r['requests']} | {r['failures']} | {r['requests_per_s']:.0f} | "
+            f"{r['p50_ms']:.0f} | {r['p95_ms']:.0f} | {r['p99_ms']:.0f} | {r['cpu_s']:.1f} | "
+            f"{r['requests_per_core_s']:.0f} |"
+        )
+    lines.append(LOCUST_END)
+    return "\n".join(lines)
+
+
+def write_section(path: Path, begin: str, end: str, section: str, heading: str) -> None:
+    """Replace the section between ``begin`` and ``end`` in ``path`` (appended if missing)."""
+    text = path.read_text() if path.exists() else "# Benchmark results\n"
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        text = head + section + rest.split(end, 1)[1]
+    else:
+        text = text.rstrip("\n") + f"\n\n## {heading}\n\n" + section + "\n"
+    path.write_text(text)
+
+
 def main() -> None:  # noqa: C901
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=5.0, help="per run (default 5)")
@@ -748,6 +824,10 @@ def main() -> None:  # noqa: C901
     )  # fmt: skip
     parser.add_argument("--keep", type=Path, help="work folder kept afterwards (default: tmp)")
     parser.add_argument("--smoke", action="store_true", help="10-second version (tests)")
+    parser.add_argument(
+        "--locust", type=int, metavar="USERS",
+        help="instead: USERS locust browsers (bench/locustfile.py) for --seconds against each",
+    )  # fmt: skip
     args = parser.parse_args()
     if args.smoke:
         args.seconds, args.repeat, args.size, args.urls = 1.0, 1, 1024, 300
@@ -772,6 +852,22 @@ def main() -> None:  # noqa: C901
         t0 = time.perf_counter()
         files = make_data(images, args.size)
         print(f"data: {images} ({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
+        if args.locust:
+            doc = {
+                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+                "command": "python bench/http.py " + " ".join(sys.argv[1:]),
+                "users": args.locust, "seconds": args.seconds,
+                "data": f"{args.size}×{args.size}",
+                "locust": run_locust(args, procs, work, images),
+            }  # fmt: skip
+            print(locust_markdown(doc))
+            if args.json:
+                args.json.write_text(json.dumps(doc, indent=2))
+            if args.results:
+                heading = "Browser-like load: locust (bench/http.py --locust)"
+                write_section(args.results, LOCUST_BEGIN, LOCUST_END, locust_markdown(doc), heading)
+            return
         scs = scenarios(files, args.urls)
         for sc in scs.values():
             sc.file = work / f"{sc.name}.urls"

@@ -6,8 +6,9 @@ Each figure is the median over ``--repeat`` runs of the mean time of a batch of 
 256×256 tile (float32 star field, uint16, 8-bit RGB). "read" reads a tile from a tiled TIFF on
 disk (one pread + decode, page cache warm); "encode" is JPEG quality 75. Chains are full
 ``pipeline.develop`` + ``finish`` calls with the Rendering a request would produce, [direct]
-computing every stage, [table] through the cached tone table the server uses once a tone curve
-has served a few tiles (same bytes).
+computing every stage, [table] through the lookup table the server builds (in the background)
+once a chain has served a few tiles: the whole chain from the stored float32 values when it is
+one per-value function, else the stages after CTW (same bytes either way).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from images import pyramid_levels, star_field, write_pyramid
 
 from iipserver import transforms as t
 from iipserver.encoders import OutputFormat, encode
-from iipserver.pipeline import develop, finish
+from iipserver.pipeline import build_table, curve_of, develop, finish
 from iipserver.sources.tiff import TiffSource
 from iipserver.view import Rendering
 
@@ -73,7 +74,7 @@ def main() -> None:
             Path(tmp) / "rgb.tif",
             pyramid_levels(np.ascontiguousarray(np.repeat(rgb, 4, axis=0).repeat(4, axis=1))),
             compression="jpeg",
-            photometric="rgb",
+            photometric="ycbcr",
         )
         sky_source, rgb_source = TiffSource(str(tiff)), TiffSource(str(jpeg))
         top = len(sky_source.info.levels) - 1
@@ -82,6 +83,9 @@ def main() -> None:
         )
         rows["read RGB tile (JPEG-in-TIFF decode)"] = timeit(
             lambda: rgb_source.read_tile(len(rgb_source.info.levels) - 1, 5), args.repeat
+        )
+        rows["read RGB tile as stored (pass-through, no decode)"] = timeit(
+            lambda: rgb_source.stored_jpeg(len(rgb_source.info.levels) - 1, 5), args.repeat
         )
         sky_source.close()
         rgb_source.close()
@@ -149,10 +153,16 @@ def main() -> None:
         ),
     }
     for name, (tile, tile_info, rendering) in chains.items():
-        for label, table in (("direct", False), ("table", True)):
+        table = build_table(curve_of(tile_info, rendering, tile.dtype))
+        for label, use in (("direct", False), ("table", True)):
             rows[f"{name} [{label}]"] = timeit(
-                lambda tile=tile, tile_info=tile_info, rendering=rendering, table=table: finish(
-                    develop(tile, tile_info, rendering, table), tile_info, rendering, None
+                lambda tile=tile, tile_info=tile_info, rendering=rendering, use=use, table=table: (
+                    finish(
+                        develop(tile, tile_info, rendering, use, table if use else None),
+                        tile_info,
+                        rendering,
+                        None,
+                    )
                 ),
                 args.repeat,
             )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -77,30 +78,102 @@ def levels_of(info: SourceInfo, rendering: Rendering) -> transforms.Levels | Non
     return None
 
 
+Curve = transforms.Levels | transforms.Tone
+
+
+def curve_of(info: SourceInfo, rendering: Rendering, dtype: np.dtype) -> Curve:
+    """What a float table of this rendering tabulates: the whole chain from float32 values
+    (``levels_of``), else the tone stages after CTW."""
+    if dtype == np.float32:
+        levels = levels_of(info, rendering)
+        if levels is not None:
+            return levels
+    return tone_of(rendering)
+
+
 def develop(
-    tile: np.ndarray, info: SourceInfo, rendering: Rendering, use_table: bool = False
+    tile: np.ndarray,
+    info: SourceInfo,
+    rendering: Rendering,
+    use_table: bool = False,
+    table: transforms.ToneTable | None = None,
 ) -> np.ndarray:
     """Raw pixels to 8-bit: CIELAB conversion, then the float pipeline when it applies.
 
     Order (spec §10): normalise → SHD → CTW → GAM/log → INV → CMP → contrast and quantise.
-    With ``use_table`` the chain goes through a cached lookup table with the same result: from
-    the stored values when it is one per-value function (``levels_of``), else from CTW on.
+    With ``use_table``, same result through lookup tables: an exact per-value table for 8/16-bit
+    stored values, and for float values ``table``, built for ``curve_of`` (none yet: direct).
     """
     if info.colorspace == "CIELAB" and tile.dtype == np.uint8:
         tile = transforms.lab_to_srgb(tile)
     if not rendering.needs_float(info):
         return tile
-    if use_table and transforms.levels_supported(tile.dtype):
-        levels = levels_of(info, rendering)
-        if levels is not None:
+    levels = levels_of(info, rendering) if use_table else None
+    if levels is not None and transforms.levels_supported(tile.dtype):
+        if tile.dtype != np.float32:
             return transforms.apply_levels(tile, levels)
+        if table is not None:
+            return transforms.apply_levels(tile, levels, table)
+        use_table = False
     data = transforms.normalise(tile, rendering.mins, rendering.maxs)
     if rendering.shade is not None:
         data = transforms.shade(data, *rendering.shade)
     if rendering.twist is not None:
         data = transforms.twist(data, rendering.twist)
     tone = tone_of(rendering)
-    return transforms.apply_tone(data, tone) if use_table else tone.exact(data)
+    if use_table and table is not None:
+        return transforms.apply_tone(data, tone, table)
+    return tone.exact(data)
+
+
+class Tables:
+    """Float lookup tables, built in a background thread so that no request waits for one
+    (30-400 ms each); until a table is ready, tiles are computed directly (same bytes)."""
+
+    def __init__(self, kept: int = 8) -> None:
+        self._built: EntryLRU[Curve, transforms.ToneTable] = EntryLRU(kept)
+        self._pending: dict[Curve, Future[transforms.ToneTable]] = {}
+        self._executor: ThreadPoolExecutor | None = None
+
+    def get(self, curve: Curve) -> transforms.ToneTable | None:
+        """The table of ``curve`` if built; else start building it (at most two at a time)."""
+        table = self._built.get(curve)
+        if table is not None:
+            return table
+        future = self._pending.get(curve)
+        if future is None:
+            if len(self._pending) < 2:
+                if self._executor is None:  # created in the worker, after any fork
+                    self._executor = ThreadPoolExecutor(1, thread_name_prefix="tables")
+                self._pending[curve] = self._executor.submit(build_table, curve)
+            return None
+        if not future.done():
+            return None
+        del self._pending[curve]
+        try:
+            table = future.result()
+        except Exception:
+            log.exception("building a lookup table failed")
+            return None
+        self._built.put(curve, table)
+        return table
+
+    def wait(self) -> None:
+        """Let the tables being built finish (tests, benchmarks)."""
+        for future in list(self._pending.values()):
+            future.exception()
+
+    def clear(self) -> None:
+        """Forget every table (those being built are dropped when done)."""
+        self._built.clear()
+        self._pending.clear()
+
+
+def build_table(curve: Curve) -> transforms.ToneTable:
+    """The float table of ``curve`` (uncached: the pipeline keeps its own)."""
+    if isinstance(curve, transforms.Levels):
+        return transforms.levels_table.__wrapped__(curve)
+    return transforms.tone_table.__wrapped__(curve)
 
 
 def finish(
@@ -133,15 +206,23 @@ class Pipeline:
         self.interpolation = interpolation
         self._histograms: EntryLRU[tuple[str, int, int], Histogram] = EntryLRU(IMAGES_KEPT)
         self._backgrounds: EntryLRU[tuple[str, int, int], Background] = EntryLRU(IMAGES_KEPT)
-        self._tone_uses: EntryLRU[transforms.Tone | transforms.Levels, int] = EntryLRU(256)
+        self._tone_uses: EntryLRU[Curve, int] = EntryLRU(256)
+        self.tables = Tables()
 
-    def use_table(self, info: SourceInfo, rendering: Rendering) -> bool:
-        """Count a use of the rendering's chain; True once it has been used enough to be
-        worth a table."""
-        curve = levels_of(info, rendering) or tone_of(rendering)
+    def table_for(
+        self, info: SourceInfo, rendering: Rendering, dtype: np.dtype
+    ) -> tuple[bool, transforms.ToneTable | None]:
+        """Count a use of the rendering's chain; once it has been used enough to be worth a
+        table: (True, its float table, or None while it is being built)."""
+        curve = curve_of(info, rendering, dtype)
         uses = (self._tone_uses.get(curve) or 0) + 1
         self._tone_uses.put(curve, uses)
-        return uses >= TABLE_AFTER_USES
+        if uses < TABLE_AFTER_USES:
+            return False, None
+        direct = dtype != np.float32 and transforms.levels_supported(dtype)
+        if direct and levels_of(info, rendering) is not None:
+            return True, None  # develop uses an exact per-value table, built at once
+        return True, self.tables.get(curve)
 
     def raw_tile(self, image: OpenedImage, resolution: int, index: int) -> np.ndarray:
         """Return a decoded tile from the cache or the source."""
@@ -273,8 +354,10 @@ class Pipeline:
         raw = self.raw_tile(image, resolution, index)
         read = time.perf_counter()
         rendering, hist = self._prepare(image, rendering, histogram_image)
-        table = rendering.needs_float(info) and self.use_table(info, rendering)
-        pixels = finish(develop(raw, info, rendering, table), info, rendering, hist)
+        use_table, table = False, None
+        if rendering.needs_float(info):
+            use_table, table = self.table_for(info, rendering, raw.dtype)
+        pixels = finish(develop(raw, info, rendering, use_table, table), info, rendering, hist)
         processed = time.perf_counter()
         encoded = encode(pixels, rendering.fmt, rendering.quality)
         if hist is None:  # output that depends on an image histogram is not kept
@@ -317,6 +400,7 @@ class Pipeline:
         """Empty the tile caches and the histograms."""
         self.raw_tiles.clear()
         self.encoded_tiles.clear()
+        self.tables.clear()
         self._histograms.clear()
         self._tone_uses.clear()
         self._backgrounds.clear()

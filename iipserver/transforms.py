@@ -516,9 +516,9 @@ def _lookup(
     return out
 
 
-def apply_tone(data: np.ndarray, tone: Tone) -> np.ndarray:
-    """``tone.exact(data)`` through the cached table; varying buckets are computed exactly."""
-    return _lookup(data, tone_table(tone), tone.exact)
+def apply_tone(data: np.ndarray, tone: Tone, table: ToneTable | None = None) -> np.ndarray:
+    """``tone.exact(data)`` through ``table`` (by default the cached ``tone_table(tone)``)."""
+    return _lookup(data, tone_table(tone) if table is None else table, tone.exact)
 
 
 # --- the whole chain from stored values, through one table --------------------------------------
@@ -595,10 +595,11 @@ def levels_lut(levels: Levels, dtype: str) -> np.ndarray:
     return np.ascontiguousarray(out.reshape(values.size, -1))
 
 
-def apply_levels(data: np.ndarray, levels: Levels) -> np.ndarray:
-    """``levels.exact(data)`` through a cached table (same bytes)."""
+def apply_levels(data: np.ndarray, levels: Levels, table: ToneTable | None = None) -> np.ndarray:
+    """``levels.exact(data)`` through a table (same bytes): for float32 data ``table``, by
+    default the cached ``levels_table(levels)``; an exact per-value table for 8/16-bit data."""
     if data.dtype == np.float32:
-        table = levels_table(levels)
+        table = levels_table(levels) if table is None else table
         with np.errstate(over="ignore", invalid="ignore"):
             difference = np.subtract(data, _F32(levels.low), dtype=_F32)
         shape = data.shape

@@ -51,7 +51,7 @@ def site_config(
     return text
 
 
-def main_config(workdir: Path, *, access_log: bool = True) -> str:
+def main_config(workdir: Path, *, access_log: bool = True, worker_connections: int = 256) -> str:
     """A top-level nginx.conf keeping everything under ``workdir`` and including site.conf.
 
     As root, nginx would switch its workers to "nobody", who cannot reach a private temporary
@@ -65,7 +65,7 @@ master_process on;
 worker_processes 2;
 pid {d}/nginx.pid;
 error_log {d}/error.log notice;
-events {{ worker_connections 256; }}
+events {{ worker_connections {worker_connections}; }}
 http {{
     default_type application/octet-stream;
     access_log {access};

@@ -198,7 +198,9 @@ def test_untiled_image_is_served_in_virtual_tiles(tmp_path):
 
 def test_out_of_range_requests(tmp_path):
     source = TiffSource(str(write_pyramid(tmp_path / "a.tif", pyramid_levels(make("uint8", 1)))))
-    with pytest.raises(ResolutionNotFound, match="TPTImage :: Asked for non-existent resolution: 9"):
+    with pytest.raises(
+        ResolutionNotFound, match="TPTImage :: Asked for non-existent resolution: 9"
+    ):
         source.read_tile(9, 0)
     with pytest.raises(TileNotFound, match="non-existent tile: 6"):
         source.read_tile(1, 6)

@@ -291,7 +291,7 @@ def test_levels_table_gives_exactly_the_direct_result(levels):
 
 def test_table_and_direct_paths_render_the_same_tiles():
     """Pipeline level: a tile rendered after the table is built equals the direct rendering."""
-    from iipserver.pipeline import develop, levels_of
+    from iipserver.pipeline import build_table, curve_of, develop, levels_of
     from iipserver.sources.base import Level, SourceInfo
     from iipserver.view import Rendering
 
@@ -314,9 +314,14 @@ def test_table_and_direct_paths_render_the_same_tiles():
             max_values=(1.0,) * channels, colorspace="GREYSCALE" if channels == 1 else "sRGB",
         )  # fmt: skip
         rendering = Rendering(**fields)
+        table = build_table(curve_of(info, rendering, raw.dtype))
         with np.errstate(all="ignore"):
             np.testing.assert_array_equal(
-                develop(raw, info, rendering, use_table=True), develop(raw, info, rendering)
+                develop(raw, info, rendering, True, table), develop(raw, info, rendering)
+            )
+            assert (
+                develop(raw, info, rendering, True).tobytes()
+                == develop(raw, info, rendering).tobytes()
             )
         expect_levels = not (channels == 3 and (len(set(fields["mins"])) > 1 or "twist" in fields))
         assert (levels_of(info, rendering) is not None) == expect_levels

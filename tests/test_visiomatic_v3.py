@@ -292,7 +292,14 @@ def test_background_statistic_on_a_hand_example():
 
 def test_bresenham_line():
     xs, ys = d.line(0, 0, 5, 2)
-    assert list(zip(xs.tolist(), ys.tolist(), strict=True)) == [(0, 0), (1, 0), (2, 1), (3, 1), (4, 2), (5, 2)]
+    assert list(zip(xs.tolist(), ys.tolist(), strict=True)) == [
+        (0, 0),
+        (1, 0),
+        (2, 1),
+        (3, 1),
+        (4, 2),
+        (5, 2),
+    ]
     xs, ys = d.line(2, 5, 2, 5)
     assert (xs.tolist(), ys.tolist()) == ([2], [5])
 
