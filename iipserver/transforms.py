@@ -236,29 +236,40 @@ def resize_bilinear(tile: np.ndarray, width: int, height: int) -> np.ndarray:
 
     The right-hand neighbour of the last column is the first pixel of the next row, as in 1.1;
     indices past the last pixel are clamped to it (1.1 reads one pixel beyond its buffer there).
+    Computed separably with 1.1's operations in 1.1's order (so the same bytes): each source
+    row is interpolated across once, then output rows mix two of those.
     """
     h, w, c = tile.shape
-    flat = tile.reshape(-1, c)
-    last = h * w - 1
+    last_pixel = tile[h - 1, w - 1]
+    ext = np.empty((h + 1, w + 1, c), dtype=tile.dtype)  # the neighbours 1.1's indices reach
+    ext[:h, :w] = tile
+    ext[: h - 1, w] = tile[1:, 0]
+    ext[h - 1, w] = last_pixel
+    ext[h] = last_pixel
     xs, ys = _F32(w) / _F32(width), _F32(h) / _F32(height)
     i_scaled = np.arange(width, dtype=_F32) * xs
     ii = np.floor(i_scaled).astype(np.intp)
     a = ((ii + 1).astype(_F32) - i_scaled)[None, :, None]
     b = (i_scaled - ii.astype(_F32))[None, :, None]
+    j_scaled = np.arange(height, dtype=_F32) * ys
+    jj = np.floor(j_scaled).astype(np.intp)
+    rows = np.unique(np.concatenate([jj, jj + 1]))
+    where = np.searchsorted(rows, np.arange(h + 1))
+    across = ext[rows].reshape(len(rows), (w + 1) * c)
+    cols = (ii[:, None] * c + np.arange(c)).ravel()  # (pixel, channel) columns of a flat row
+    a = np.repeat(a.ravel(), c)[None, :]
+    b = np.repeat(b.ravel(), c)[None, :]
+    # per source row: left·a + right·b (1.1's tx for that row, and its ty one row up)
+    left = np.take(across, cols, axis=1).astype(_F32)
+    right = np.take(across, cols + c, axis=1).astype(_F32)
+    mixed = (left * a + right * b).reshape(len(rows), width, c)
     out = np.empty((height, width, c), dtype=np.uint8)
     for start in range(0, height, _RESAMPLE_ROWS):
-        j_scaled = np.arange(start, min(height, start + _RESAMPLE_ROWS), dtype=_F32) * ys
-        jj = np.floor(j_scaled).astype(np.intp)
-        cw = ((jj + 1).astype(_F32) - j_scaled)[:, None, None]
-        dw = (j_scaled - jj.astype(_F32))[:, None, None]
-        p11 = jj[:, None] * w + ii[None, :]
-        p21 = np.minimum(p11 + 1, last)
-        p12 = np.minimum(p11 + w, last)
-        p22 = np.minimum(p11 + w + 1, last)
-        tx = flat[p11].astype(_F32) * a + flat[p21].astype(_F32) * b
-        ty = flat[p12].astype(_F32) * a + flat[p22].astype(_F32) * b
-        block = cw * tx + dw * ty
-        out[start : start + len(jj)] = np.clip(block, 0, 255).astype(np.uint8)
+        part = slice(start, min(height, start + _RESAMPLE_ROWS))
+        cw = ((jj[part] + 1).astype(_F32) - j_scaled[part])[:, None, None]
+        dw = (j_scaled[part] - jj[part].astype(_F32))[:, None, None]
+        block = cw * mixed[where[jj[part]]] + dw * mixed[where[jj[part] + 1]]
+        out[part] = np.clip(block, 0, 255).astype(np.uint8)
     return out
 
 
