@@ -33,6 +33,7 @@ import socket
 import struct
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 from iipserver import prefork
@@ -167,6 +168,23 @@ def complete_environ(env: dict[str, Any], stdin: bytes) -> dict[str, Any]:
     return env
 
 
+def _waiter(listen_fd: int, lifeline: int, wake: int) -> Callable[[], list[int]]:
+    """A function that blocks until some of the descriptors are ready and returns them.
+
+    With epoll, the listening socket is watched with ``EPOLLEXCLUSIVE`` so that a new
+    connection wakes one idle worker, not all of them (with ``select`` every worker wakes, one
+    accepts and the others find nothing: CPU spent for nothing at every request).
+    """
+    exclusive = getattr(select, "EPOLLEXCLUSIVE", 0)
+    if not hasattr(select, "epoll") or not exclusive:
+        return lambda: select.select([listen_fd, lifeline, wake], [], [])[0]
+    poller = select.epoll()
+    poller.register(listen_fd, select.EPOLLIN | exclusive)
+    poller.register(lifeline, select.EPOLLIN)
+    poller.register(wake, select.EPOLLIN)
+    return lambda: [fd for fd, _ in poller.poll()]
+
+
 class Worker:
     """One worker process: accepts connections on the shared socket and answers requests.
 
@@ -221,9 +239,10 @@ class Worker:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _TIMEOUT)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _TIMEOUT)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        wait = _waiter(listen_fd, lifeline, wake)
         while not self.stopping:
             self.apply_hup()
-            ready, _, _ = select.select([listen_fd, lifeline, wake], [], [])
+            ready = wait()
             if wake in ready:
                 prefork.drain(wake)
                 continue

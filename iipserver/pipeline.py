@@ -130,7 +130,7 @@ class Tables:
     """Float lookup tables, built in a background thread so that no request waits for one
     (30-400 ms each); until a table is ready, tiles are computed directly (same bytes)."""
 
-    def __init__(self, kept: int = 8) -> None:
+    def __init__(self, kept: int = 16) -> None:
         self._built: EntryLRU[Curve, transforms.ToneTable] = EntryLRU(kept)
         self._pending: dict[Curve, Future[transforms.ToneTable]] = {}
         self._executor: ThreadPoolExecutor | None = None
@@ -225,7 +225,10 @@ class Pipeline:
         return True, self.tables.get(curve)
 
     def raw_tile(self, image: OpenedImage, resolution: int, index: int) -> np.ndarray:
-        """Return a decoded tile from the cache or the source."""
+        """Return a decoded tile from the cache or the source (uncompressed tiles are read
+        again rather than cached: a read costs about what a cache entry saves)."""
+        if image.source.stored_raw(resolution):
+            return image.source.read_tile(resolution, index)
         key = (image.path, image.stamp.mtime_ns, image.stamp.size, resolution, index)
         tile = self.raw_tiles.get(key)
         if tile is None:

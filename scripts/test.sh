@@ -18,6 +18,7 @@ DEB_PACKAGES=(
     "iipimage-server:/usr/lib/iipimage-server/iipsrv.fcgi"  # reference iipsrv 1.1 (differential tests)
     "nginx-light:nginx"                                      # tests/test_nginx.py
     "memcached:memcached"                                    # shared-cache tests
+    "wrk:wrk"                                                # bench/http.py smoke test
     "libmemcached-dev:-"                                     # pylibmc
     "zlib1g-dev:-"
     "chromium:chromium"                                      # browser tests

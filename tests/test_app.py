@@ -372,11 +372,18 @@ def test_server_fault_is_generic_500(app, monkeypatch, caplog):
     assert "RuntimeError" in caplog.text
 
 
-def test_raw_tile_cache_serves_repeated_reads(data):
-    app = make_app(Settings.from_environ({"FILESYSTEM_PREFIX": f"{data}/"}))
-    call(app, "FIF=ramp.tif&GAM=0.5&JTL=0,0")
-    call(app, "FIF=ramp.tif&GAM=2&JTL=0,0")
+def test_raw_tile_cache_serves_repeated_reads(data, tmp_path):
+    levels = pyramid_levels(rgb_image(300, 200))
+    write_pyramid(tmp_path / "deflate.tif", levels, compression="zlib")
+    write_pyramid(tmp_path / "plain.tif", levels)
+    app = make_app(Settings.from_environ({"FILESYSTEM_PREFIX": f"{tmp_path}/"}))
+    call(app, "FIF=deflate.tif&GAM=0.5&JTL=0,0")
+    call(app, "FIF=deflate.tif&GAM=2&JTL=0,0")
     assert app.pipeline.raw_tiles.hits == 1
+    # uncompressed tiles are read again: a read costs about what a cache entry saves
+    call(app, "FIF=plain.tif&GAM=0.5&JTL=0,0")
+    call(app, "FIF=plain.tif&GAM=2&JTL=0,0")
+    assert app.pipeline.raw_tiles.hits == 1 and len(app.pipeline.raw_tiles) == 1
     app.clear_caches()
     assert len(app.pipeline.raw_tiles) == 0
 

@@ -123,7 +123,10 @@ def test_no_cors_unless_set(tmp_path):
 
 
 def test_status_endpoint(tmp_path):
-    write_pyramid(tmp_path / "a.tif", [np.zeros((10, 10), np.uint8)], photometric="minisblack")
+    write_pyramid(
+        tmp_path / "a.tif", [np.zeros((10, 10), np.uint8)], photometric="minisblack",
+        compression="zlib",
+    )  # fmt: skip
     on = make_app(
         Settings.from_environ({"FILESYSTEM_PREFIX": f"{tmp_path}/", "STATUS_ENDPOINT": "1"})
     )
@@ -133,6 +136,7 @@ def test_status_endpoint(tmp_path):
 
     status = json.loads(call(on, "STATUS").body)
     assert status["tile_cache"]["hits"] == 1 and status["tile_cache"]["misses"] == 1
+    assert status["encoded_tile_cache"]["entries"] == 2
     assert status["metadata_cache"]["entries"] == 1
     assert status["requests"] == 3
     off = make_app(Settings.from_environ({"FILESYSTEM_PREFIX": f"{tmp_path}/"}))

@@ -386,9 +386,11 @@ def test_bad_setting_exits_2(spawn: Callable[..., Server], command: list[str]) -
 # -- fcgi -----------------------------------------------------------------------------------
 
 
-def test_fcgi_tcp(spawn: Callable[..., Server], demo_dir: Path) -> None:
+@pytest.mark.parametrize("engine", ["iipserver", "flup"])
+def test_fcgi_tcp(spawn: Callable[..., Server], demo_dir: Path, engine: str) -> None:
     env = _base_env(FILESYSTEM_PREFIX=f"{demo_dir}/")
-    server = spawn(["fcgi", "--bind", "127.0.0.1:0", "--workers", "2"], env).start(workers=2)
+    argv = ["fcgi", "--bind", "127.0.0.1:0", "--workers", "2", "--engine", engine]
+    server = spawn(argv, env).start(workers=2)
     assert f"data root {demo_dir}/," in server.banner
     assert server.banner.endswith("2 workers")
     with _connect(server.address) as sock:

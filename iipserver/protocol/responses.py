@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import email.utils
+import functools
 import html
 import json
 from collections.abc import Callable, Sequence
@@ -91,7 +92,12 @@ _PACKED = b"IIPSRV2\n"
 
 def http_date(timestamp: float) -> str:
     """Format a POSIX time as an HTTP date (``Sat, 21 Nov 2026 07:36:48 GMT``)."""
-    return email.utils.formatdate(int(timestamp), usegmt=True)
+    return _http_date(int(timestamp))
+
+
+@functools.lru_cache(maxsize=1024)  # image mtimes repeat: formatting one costs ~5 µs
+def _http_date(seconds: int) -> str:
+    return email.utils.formatdate(seconds, usegmt=True)
 
 
 def cors_headers(settings: Settings) -> list[tuple[str, str]]:

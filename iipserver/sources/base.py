@@ -148,6 +148,11 @@ class ImageSource(Protocol):
         """Return the pixels of a rectangle of ``resolution`` (clipped to the level)."""
         ...
 
+    def stored_raw(self, resolution: int) -> bool:
+        """Tell whether the level's tiles are stored uncompressed: reading one costs about a
+        copy, so it is not worth a place in the decoded-tile cache."""
+        ...
+
     def stored_jpeg(self, resolution: int, index: int) -> bytes | None:
         """Return tile ``index`` as a complete JPEG stream when it is stored as one whose
         decoded pixels are exactly what ``read_tile`` returns (8-bit grey or RGB, a full-size

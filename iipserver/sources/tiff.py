@@ -334,6 +334,10 @@ class TiffSource:
         tile = parts[0] if planes == 1 else np.concatenate(parts, axis=2)
         return self._finish(tile)
 
+    def stored_raw(self, resolution: int) -> bool:
+        """See ``ImageSource.stored_raw``."""
+        return 0 <= resolution < len(self._plain) and self._plain[resolution] is not None
+
     def stored_jpeg(self, resolution: int, index: int) -> bytes | None:
         """Return a full-size stored JPEG tile as one stream (see ``ImageSource.stored_jpeg``):
         the page's JPEGTables (without their EOI) spliced before the tile (without its SOI)."""

@@ -141,6 +141,10 @@ class ZarrSource:
             data = data[:, :, None]
         return data
 
+    def stored_raw(self, resolution: int) -> bool:
+        """zarr chunks go through a store and codecs (see ``ImageSource.stored_raw``)."""
+        return False
+
     def stored_jpeg(self, resolution: int, index: int) -> bytes | None:
         """zarr chunks are never sent as stored (see ``ImageSource.stored_jpeg``)."""
         return None
