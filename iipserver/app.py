@@ -105,7 +105,8 @@ class IIPApp:
             if self.settings.status_endpoint and request.upper() == "STATUS":
                 return self._status()
             resolved: dict[str, str] = {}
-            material = self._key_material(tokens, request, resolved)
+            stamps: dict[str, FileStamp] = {}
+            material = self._key_material(tokens, request, resolved, stamps)
             key = None if material is None else shared_key(self.settings.memcached_prefix, material)
             if key is not None:
                 stored = self.shared.get(key)
@@ -113,7 +114,7 @@ class IIPApp:
                 if found is not None:
                     found.cache = "hit"
                     return self._conditional(environ, found)
-            response = self._answer(environ, request, tokens, resolved)
+            response = self._answer(environ, request, tokens, resolved, stamps)
             if material is not None and response.status == 200:
                 etag = '"' + hashlib.blake2b(material.encode("utf-8", "surrogateescape"),
                                              digest_size=12).hexdigest() + '"'  # fmt: skip
@@ -126,7 +127,12 @@ class IIPApp:
             return self.error_response(exc)
 
     def _answer(
-        self, environ: dict[str, Any], request: str, tokens: list[Token], resolved: dict[str, str]
+        self,
+        environ: dict[str, Any],
+        request: str,
+        tokens: list[Token],
+        resolved: dict[str, str],
+        stamps: dict[str, FileStamp],
     ) -> Response:
         if is_visiomatic(tokens):
             return VisiomaticSession(self.settings, self.pool, self.pipeline).run(tokens)
@@ -138,16 +144,22 @@ class IIPApp:
             environ.get("HTTP_IF_MODIFIED_SINCE"),
             environ,
             resolved,
+            stamps,
         )
         return session.run(parse_tokens(tokens))
 
     def _key_material(
-        self, tokens: list[Token], request: str, resolved: dict[str, str]
+        self,
+        tokens: list[Token],
+        request: str,
+        resolved: dict[str, str],
+        stamps: dict[str, FileStamp],
     ) -> str | None:
         """What a response depends on: the image file's real path, mtime and size, the
         settings and the request; None when the request names no readable image file.
 
-        The path resolved here is put in ``resolved`` so that FIF does not resolve it again.
+        The path resolved here is put in ``resolved`` and its stamp in ``stamps``, so that FIF
+        neither resolves nor stats it again (and the response matches the key's version).
         """
         fif = next((t for t in tokens if t.key == "fif"), None)
         if fif is None:
@@ -160,15 +172,16 @@ class IIPApp:
         except (IIPServerError, OSError):
             return None
         resolved[requested] = real
+        stamps[real] = stamp
         return f"{self._fingerprint}:{stamp.mtime_ns}:{stamp.size}:{real}:{request}"
 
     def _conditional(self, environ: dict[str, Any], response: Response) -> Response:
         """Answer 304 when the client's copy is current (If-None-Match, then If-Modified-Since)."""
-        if response.status != 200:
-            return response
-        etag, modified = response.header("ETag"), response.header("Last-Modified")
         match = environ.get("HTTP_IF_NONE_MATCH")
         since = environ.get("HTTP_IF_MODIFIED_SINCE")
+        if response.status != 200 or not (match or since):
+            return response
+        etag, modified = response.header("ETag"), response.header("Last-Modified")
         fresh = False
         if match and etag:
             fresh = match.strip() == "*" or etag in [m.strip() for m in match.split(",")]

@@ -55,7 +55,7 @@ from iipserver.protocol.responses import Response
 from iipserver.settings import Settings
 from iipserver.sources import paths
 from iipserver.sources.base import SourceInfo
-from iipserver.sources.pool import OpenedImage, SourcePool
+from iipserver.sources.pool import FileStamp, OpenedImage, SourcePool
 from iipserver.view import ImageSequence, View
 from iipserver.viewport import Region, plan
 
@@ -89,10 +89,13 @@ class Session:
         if_modified_since: str | None = None,
         environ: Mapping[str, Any] | None = None,
         resolved: Mapping[str, str] | None = None,
+        stamps: Mapping[str, FileStamp] | None = None,
     ) -> None:
         self.settings = settings
         self.resolved: Mapping[str, str] = resolved or {}
         """Image paths already resolved for this request (requested → real)."""
+        self.stamps: Mapping[str, FileStamp] = stamps or {}
+        """Stamps of those files taken for this request (real path → stamp)."""
         self.environ: Mapping[str, Any] = environ or {}
         self.pool = pool
         self.pipeline = pipeline
@@ -221,7 +224,7 @@ class Session:
             horizontal, vertical = paths.sequence_angles(stem, extension)
             self.view.sequence = ImageSequence(stem, extension, horizontal, vertical)
             real = self.view.sequence.path(0, 90)
-        image = self.pool.get(real)
+        image = self.pool.get(real, self.stamps.get(real))
         self.view.image = image
         if self.if_modified_since:
             since = parse_http_date(self.if_modified_since)

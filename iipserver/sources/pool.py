@@ -61,16 +61,18 @@ class SourcePool:
         self.hits = 0
         self.misses = 0
 
-    def get(self, path: str) -> OpenedImage:
-        """Return the opened image at real path ``path``, opening or reopening it if needed.
+    def get(self, path: str, stamp: FileStamp | None = None) -> OpenedImage:
+        """Return the opened image at real path ``path``, opening or reopening it if needed;
+        ``stamp`` is the file's stamp if the caller has just taken it.
 
         Raises:
             ImageReadError, UnsupportedImage: the file cannot be opened as an image.
         """
-        try:
-            stamp = FileStamp.of(path)
-        except OSError as exc:
-            raise ImageReadError("Unable to open file") from exc
+        if stamp is None:
+            try:
+                stamp = FileStamp.of(path)
+            except OSError as exc:
+                raise ImageReadError("Unable to open file") from exc
         with self._lock:
             entry = self._entries.get(path)
             if entry is not None and entry.stamp == stamp:
