@@ -4,7 +4,8 @@
 
 Serves VisiOmatic-style float32 tiles (MINMAX + GAM + CTW) of an 8-level 4096×4096 star field
 through the WSGI app: "cold" with the tile cache off (read + decode + render + encode),
-"warm" with raw tiles cached (render + encode), and "memcached hit" with a shared cache
+"warm" with the tile caches on (a repeated tile is an encoded-tile hit: no render, no
+encode), and "memcached hit" with a shared cache
 (a lookup and a replay). Starts a private memcached if none is given and one is installed.
 """
 
@@ -74,7 +75,7 @@ def main() -> None:
         warm = make_app(Settings.from_environ({**base, "MAX_IMAGE_CACHE_SIZE": "100"}))
         rows = {
             "cold (read+decode+render+encode)": rate(cold, queries, args.seconds),
-            "warm (raw tiles cached: render+encode)": rate(warm, queries, args.seconds),
+            "warm (tile caches on: encoded-tile hit)": rate(warm, queries, args.seconds),
         }
         server = None
         address = args.memcached
