@@ -32,6 +32,7 @@ from iipserver.protocol.visiomatic import VisiomaticSession, is_visiomatic
 from iipserver.settings import Settings
 from iipserver.sources import paths
 from iipserver.sources.pool import FileStamp, SourcePool
+from iipserver.watermark import Watermark
 
 log = logging.getLogger(__name__)
 
@@ -70,10 +71,19 @@ class IIPApp:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.pool = SourcePool(settings.max_metadata_cache_size, settings.max_open_files)
+        watermark = None
+        if settings.watermark:
+            watermark = Watermark.load(
+                settings.watermark,
+                settings.watermark_opacity,
+                settings.watermark_probability,
+                None if settings.watermark_seed < 0 else settings.watermark_seed,
+            )
         self.pipeline = Pipeline(
             int(settings.max_image_cache_size * 1_024_000),
             settings.interpolation,
             settings.codec_passthrough,
+            watermark,
         )
         self.shared = shared_cache(settings.memcached_servers, settings.memcached_timeout)
         self.requests = 0

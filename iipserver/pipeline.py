@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Hashable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
@@ -18,6 +19,7 @@ from iipserver.sources.base import SourceInfo, composite
 from iipserver.sources.pool import OpenedImage
 from iipserver.view import Display, Rendering
 from iipserver.viewport import Plan
+from iipserver.watermark import Watermark
 
 log = logging.getLogger(__name__)
 
@@ -201,10 +203,17 @@ class Pipeline:
     (CODEC_PASSTHROUGH) a stored JPEG tile requested without processing is sent as stored.
     """
 
-    def __init__(self, cache_bytes: int, interpolation: int = 1, passthrough: bool = True) -> None:
+    def __init__(
+        self,
+        cache_bytes: int,
+        interpolation: int = 1,
+        passthrough: bool = True,
+        watermark: Watermark | None = None,
+    ) -> None:
         self.raw_tiles: ByteLRU[np.ndarray] = ByteLRU(cache_bytes // 2)
         self.encoded_tiles: ByteLRU[bytes] = ByteLRU(cache_bytes - cache_bytes // 2)
-        self.passthrough = passthrough
+        self.watermark = watermark
+        self.passthrough = passthrough and watermark is None  # stored tiles carry no mark
         self.interpolation = interpolation
         self._histograms: EntryLRU[tuple[str, int, int], Histogram] = EntryLRU(IMAGES_KEPT)
         self._backgrounds: EntryLRU[tuple[str, int, int], Background] = EntryLRU(IMAGES_KEPT)
@@ -363,6 +372,8 @@ class Pipeline:
         if rendering.needs_float(info):
             use_table, table = self.table_for(info, rendering, raw.dtype)
         pixels = finish(develop(raw, info, rendering, use_table, table), info, rendering, hist)
+        if self.watermark is not None:
+            pixels = self.watermark.apply(pixels, (image.path, resolution, index))
         processed = time.perf_counter()
         encoded = encode(pixels, rendering.fmt, rendering.quality)
         if hist is None:  # output that depends on an image histogram is not kept
@@ -399,7 +410,17 @@ class Pipeline:
             else:
                 pixels = transforms.resize_bilinear(pixels, plan.out_width, plan.out_height)
         pixels = finish(pixels, info, rendering, hist)
+        pixels = self.mark_region(image, pixels, (plan.resolution, plan.x, plan.y))
         return encode(pixels, rendering.fmt, rendering.quality)
+
+    def mark_region(self, image: OpenedImage, pixels: np.ndarray, where: Hashable) -> np.ndarray:
+        """Watermark output ``pixels`` of a region of ``image``: one draw per block of twice
+        the tile size (spec §17, mainline)."""
+        if self.watermark is None:
+            return pixels
+        level = image.source.info.levels[-1]
+        block = 2 * max(level.tile_width, level.tile_height)
+        return self.watermark.apply_blocks(pixels, block, (image.path, where, pixels.shape))
 
     def clear(self) -> None:
         """Empty the tile caches and the histograms."""

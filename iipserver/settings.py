@@ -131,6 +131,13 @@ class Settings:
     watermark_opacity: float = _setting(
         "WATERMARK_OPACITY", 1.0, _float, "Watermark opacity.", _in_range(0, 1)
     )
+    watermark_seed: int = _setting(
+        "WATERMARK_SEED",
+        -1,
+        _int,
+        "Seed making watermark placement a function of the tile (-1: random, as iipsrv).",
+        _at_least(-1),
+    )
     memcached_servers: str = _setting(
         "MEMCACHED_SERVERS", "", _str, "Shared cache servers host[:port],... (empty: off)."
     )

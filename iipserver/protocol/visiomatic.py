@@ -372,7 +372,10 @@ class VisiomaticSession:
         resolution = min(req.tile[0], levels - 1)
         settings = self._display(image, req)
         tile = self.pipeline.raw_tile(image, resolution, req.tile[1])
-        return self._encode(image, self.pipeline.display(tile, settings), req.quality)
+        pixels = self.pipeline.display(tile, settings)
+        if self.pipeline.watermark is not None:
+            pixels = self.pipeline.watermark.apply(pixels, (image.path, resolution, req.tile[1]))
+        return self._encode(image, pixels, req.quality)
 
     def _region(self, image: OpenedImage, req: Request) -> Response:
         assert req.region is not None
@@ -398,9 +401,9 @@ class VisiomaticSession:
                 loc="RGN",
             )
         raw = self.pipeline.raw_region(image, resolution, left, top, right - left, bottom - top)
-        return self._encode(
-            image, self.pipeline.display(raw, self._display(image, req)), req.quality
-        )
+        pixels = self.pipeline.display(raw, self._display(image, req))
+        pixels = self.pipeline.mark_region(image, pixels, (resolution, left, top))
+        return self._encode(image, pixels, req.quality)
 
 
 def _clean(header: dict[str, Any]) -> dict[str, Any]:
