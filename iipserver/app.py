@@ -84,6 +84,7 @@ class IIPApp:
             settings.interpolation,
             settings.codec_passthrough,
             watermark,
+            int(settings.max_region_mb * 1024 * 1024),
         )
         self.shared = shared_cache(settings.memcached_servers, settings.memcached_timeout)
         self.requests = 0
@@ -112,6 +113,7 @@ class IIPApp:
             if not request:
                 return responses.banner_response(self.settings, 400)
             tokens = tokenize(request)
+            self._check_limits(request, tokens)
             if self.settings.status_endpoint and request.upper() == "STATUS":
                 return self._status()
             resolved: dict[str, str] = {}
@@ -135,6 +137,25 @@ class IIPApp:
             return self._conditional(environ, response)
         except Exception as exc:  # the only place errors become responses
             return self.error_response(exc)
+
+    def _check_limits(self, request: str, tokens: list[Token]) -> None:
+        """Refuse requests longer or with more commands than the settings allow, in the
+        dialect's own error format.
+
+        Raises:
+            VisiomaticError, BadRequest: a limit is exceeded.
+        """
+        settings = self.settings
+        problem = None
+        if len(request) > settings.max_request_length:
+            problem = f"request longer than {settings.max_request_length} bytes"
+        elif len(tokens) > settings.max_commands:
+            problem = f"more than {settings.max_commands} commands"
+        if problem is None:
+            return
+        if is_visiomatic(tokens[: settings.max_commands]):
+            raise VisiomaticError(400, f"Request too large: {problem}")
+        raise BadRequest(f"Request too large: {problem}")
 
     def _answer(
         self,

@@ -23,7 +23,7 @@ from iipserver.watermark import Watermark
 
 log = logging.getLogger(__name__)
 
-#: Largest region output (bytes of 8-bit pixels) one request may build.
+#: Default of the memory one region request may use for its pixels (``MAX_REGION_MB``).
 REGION_BUDGET = 256 * 1024 * 1024
 
 #: Images whose histogram (CNT=eq|st, COL=binary) and background statistics are remembered.
@@ -209,7 +209,9 @@ class Pipeline:
         interpolation: int = 1,
         passthrough: bool = True,
         watermark: Watermark | None = None,
+        region_budget: int = REGION_BUDGET,
     ) -> None:
+        self.region_budget = region_budget
         self.raw_tiles: ByteLRU[np.ndarray] = ByteLRU(cache_bytes // 2)
         self.encoded_tiles: ByteLRU[bytes] = ByteLRU(cache_bytes - cache_bytes // 2)
         self.watermark = watermark
@@ -248,10 +250,24 @@ class Pipeline:
         return tile
 
     def raw_region(
-        self, image: OpenedImage, resolution: int, x: int, y: int, width: int, height: int
+        self,
+        image: OpenedImage,
+        resolution: int,
+        x: int,
+        y: int,
+        width: int,
+        height: int,
+        budgeted: bool = True,
     ) -> np.ndarray:
-        """Return a rectangle of one level composited from (cached) tiles of that level."""
+        """Return a rectangle of one level composited from (cached) tiles of that level.
+
+        Raises:
+            BadRequest: with ``budgeted``, the rectangle needs more than ``region_budget``.
+        """
         info = image.source.info
+        needed = width * height * info.channels * np.dtype(info.dtype).itemsize
+        if budgeted and needed > self.region_budget:
+            raise BadRequest("requested region is too large for this server (MAX_REGION_MB)")
         return composite(
             info.levels[resolution],
             lambda index: self.raw_tile(image, resolution, index),
@@ -292,7 +308,9 @@ class Pipeline:
         for top in range(0, level.height, level.tile_height):
             rows = wanted[(wanted >= top) & (wanted < top + level.tile_height)]
             if rows.size:
-                band = self.raw_region(image, full, 0, top, level.width, level.tile_height)
+                band = self.raw_region(
+                    image, full, 0, top, level.width, level.tile_height, budgeted=False
+                )
                 samples.append(band[rows - top])
         data = np.concatenate(samples)[::-1]  # FITS order: bottom row first
         planes = np.moveaxis(data, 2, 0).reshape(info.channels, -1)
@@ -398,8 +416,8 @@ class Pipeline:
         histogram_image: OpenedImage | None = None,
     ) -> Encoded:
         """Return a CVT region: the plan's level rectangle, resized to its output size."""
-        if plan.out_width * plan.out_height * 3 > REGION_BUDGET:
-            raise BadRequest("CVT: requested output size is too large")
+        if plan.out_width * plan.out_height * 3 > self.region_budget:
+            raise BadRequest("CVT: requested output size is too large (MAX_REGION_MB)")
         info = image.source.info
         raw = self.raw_region(image, plan.resolution, plan.x, plan.y, plan.width, plan.height)
         rendering, hist = self._prepare(image, rendering, histogram_image)

@@ -170,6 +170,29 @@ class Settings:
     status_endpoint: bool = _setting(
         "STATUS_ENDPOINT", False, _bool, "Answer ?STATUS with this worker's cache counters (JSON)."
     )
+    max_request_length: int = _setting(
+        "MAX_REQUEST_LENGTH", 8192, _int, "Longest request string (query or POST body), bytes.",
+        _at_least(64),
+    )  # fmt: skip
+    max_commands: int = _setting(
+        "MAX_COMMANDS", 64, _int, "Most commands in one request.", _at_least(1)
+    )
+    max_til_tiles: int = _setting(
+        "MAX_TIL_TILES", 1024, _int, "Most tiles one TIL request may return.", _at_least(1)
+    )
+    max_channels: int = _setting(
+        "MAX_CHANNELS", 256, _int,
+        "Most channels a request may name (MINMAX, CTW rows and columns, VisiOmatic CHAN/MIX).",
+        _at_least(1),
+    )  # fmt: skip
+    max_region_mb: float = _setting(
+        "MAX_REGION_MB", 256.0, _float,
+        "Memory one region request (CVT, IIIF region, VisiOmatic RGN) may use for pixels, MB.",
+        _at_least(1),
+    )  # fmt: skip
+    max_profile_length: int = _setting(
+        "MAX_PROFILE_LENGTH", 100000, _int, "Most points in a profile (PFL).", _at_least(1)
+    )
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str] | None = None) -> Settings:

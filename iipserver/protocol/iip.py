@@ -62,9 +62,6 @@ from iipserver.viewport import Region, plan
 #: OBJ names that need no image.
 STATIC_OBJECTS = frozenset({"iip-server", "iip-opt-comm", "iip-opt-obj"})
 
-#: Most tiles one TIL request may ask for.
-MAX_TIL_TILES = 1024
-
 
 def parse_http_date(value: str) -> float | None:
     """Parse an If-Modified-Since value; None when it is not a valid HTTP date."""
@@ -163,6 +160,8 @@ class Session:
                 self._select_view(x, y)
             case MinMax(channel, lo, hi):
                 self._image("minmax")
+                if channel is not None and channel >= self.settings.max_channels:
+                    raise BadRequest(f"MINMAX: channel beyond MAX_CHANNELS ({channel + 1})")
                 if channel is None or channel >= 0:
                     view.set_minmax(channel, lo, hi)
             case Contrast(value, mode):
@@ -179,6 +178,9 @@ class Session:
             case Colormap(name):
                 view.colormap = name
             case ColorTwist(matrix):
+                limit = self.settings.max_channels
+                if len(matrix) > limit or any(len(row) > limit for row in matrix):
+                    raise BadRequest(f"CTW: more than MAX_CHANNELS ({limit}) rows or columns")
                 view.twist = matrix
             case Shade(h_angle, v_angle):
                 view.shade = (h_angle, v_angle)
@@ -380,6 +382,8 @@ class Session:
             or y2 > level.height
         ):
             raise BannerError("PFL: invalid coordinates")
+        if max(x2 - x1, y2 - y1) > self.settings.max_profile_length:
+            raise BadRequest("PFL: profile longer than MAX_PROFILE_LENGTH")
         if x2 > x1:
             box = (x1, y1, min(x2, level.width) - x1, 1)
         elif y2 > y1:
@@ -422,8 +426,9 @@ class Session:
             sx, ex = ex, sx
         if ey < sy:
             return None
-        if (ex - sx + 1) * (ey - sy + 1) > MAX_TIL_TILES:
-            raise BadRequest(f"TIL: at most {MAX_TIL_TILES} tiles per request")
+        limit = self.settings.max_til_tiles
+        if (ex - sx + 1) * (ey - sy + 1) > limit:
+            raise BadRequest(f"TIL: at most {limit} tiles per request (MAX_TIL_TILES)")
         quality = self.view.quality or self.settings.jpeg_quality
         records = []
         for i in range(sx, ex + 1):

@@ -200,6 +200,11 @@ class VisiomaticSession:
             raise VisiomaticError(status, exc.message) from exc
 
     def _run(self, req: Request) -> Response:
+        limit = self.settings.max_channels
+        if len(req.channels) > limit:
+            raise VisiomaticError(400, f"More than MAX_CHANNELS ({limit}) channels", loc="CHAN")
+        if len(req.mix) > limit:
+            raise VisiomaticError(400, f"More than MAX_CHANNELS ({limit}) channels", loc="MIX")
         if not req.fif:
             raise VisiomaticError(422, "Field required", loc="FIF", kind="missing")
         image = self._open(req.fif)
@@ -314,7 +319,8 @@ class VisiomaticSession:
         assert req.profile is not None
         x1, y1, x2, y2 = req.profile
         info = image.source.info
-        if max(abs(x2 - x1), abs(y2 - y1)) > 4 * (info.width + info.height):
+        length = max(abs(x2 - x1), abs(y2 - y1))
+        if length > min(4 * (info.width + info.height), self.settings.max_profile_length):
             raise VisiomaticError(422, "Profile too long", loc="PFL")
         chans = self._channels(req, info.channels)
         if any(not 0 <= c < info.channels for c in chans):
