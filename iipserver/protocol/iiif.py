@@ -64,6 +64,24 @@ class Box:
     """The request's own fractions for ``pct:`` regions (iipsrv plans with them)."""
 
 
+#: Integers of a request are saturated here: no arithmetic on (or printing of) huge numbers.
+_SATURATED = 10**15
+
+
+def _int(text: str) -> int:
+    """``int(text)``, saturated at ±10**15 (Python refuses to convert 4300+ digits).
+
+    Raises:
+        ValueError: ``text`` is not an integer.
+    """
+    digits = text.strip().lstrip("+-").lstrip("0")
+    if len(digits) <= 15:
+        return int(text)
+    if not digits.isdecimal():
+        raise ValueError(text)
+    return -_SATURATED if text.strip().startswith("-") else _SATURATED
+
+
 def _round(value: float) -> int:
     return math.floor(value + 0.5)
 
@@ -96,12 +114,15 @@ def parse_region(text: str, width: int, height: int) -> Box:
     m = _PIXELS.match(text)
     fractions = None
     if m:
-        x, y, w, h = (int(v) for v in m.groups())
+        x, y, w, h = (_int(v) for v in m.groups())
     else:
         p = _PERCENT.match(text)
         if p is None:
             raise BadRequest(f"IIIF: incorrect region format: {text}")
         fx, fy, fw, fh = (float(v) for v in p.groups())
+        if fx >= 100 or fy >= 100:  # x >= width: no huge (or infinite) pixel numbers
+            raise BadRequest(f"IIIF: region outside the image or empty: {text}")
+        fw, fh = min(fw, 1e6), min(fh, 1e6)  # cropped to the image below in any case
         fractions = (fx / 100, fy / 100, fw / 100, fh / 100)
         x, y = _round(fx * width / 100), _round(fy * height / 100)
         w, h = _round(fw * width / 100), _round(fh * height / 100)
@@ -120,23 +141,23 @@ def _requested_size(text: str, rw: int, rh: int) -> tuple[int, int]:
     body = text[1:] if confined else text
     if body.startswith("pct:"):
         pct = float(body[4:])
-        if confined or not math.isfinite(pct) or pct <= 0:
+        if confined or not math.isfinite(pct) or pct <= 0 or pct > 1e9:
             raise ValueError(body)
         return _round(rw * pct / 100), _round(rh * pct / 100)
     left, comma, right = body.partition(",")
     if not comma or (not left and not right):
         raise ValueError(body)
     if confined:
-        bw, bh = int(left), int(right)
+        bw, bh = _int(left), _int(right)
         if bw <= 0 or bh <= 0:
             raise ValueError(body)
         scale = min(bw / rw, bh / rh)
         return _round(rw * scale), _round(rh * scale)
     if left and right:
-        return int(left), int(right)
+        return _int(left), _int(right)
     if left:
-        return int(left), _round(rh * int(left) / rw)
-    return _round(rw * int(right) / rh), int(right)
+        return _int(left), _round(rh * _int(left) / rw)
+    return _round(rw * _int(right) / rh), _int(right)
 
 
 def parse_size(
@@ -351,7 +372,7 @@ class Service:
             region.h / info.height,
         )
         if text.startswith("!"):
-            w, h = (int(v) for v in text[1:].split(","))
+            w, h = (_int(v) for v in text[1:].split(","))
             requested = (w, h)
         elif text in ("max", "full") or (
             text.count(",") == 1 and text[0] != "," and text[-1] != ","
@@ -510,8 +531,8 @@ class Service:
             if max(info.width, info.height) > 1
             else 0
         )
-        r = min(n - 1, max(0, int(m.group(2)) - (depth - n) - 1))
-        return self._grid_tile(image, info, r, int(m.group(3)), int(m.group(4)))
+        r = min(n - 1, max(0, _int(m.group(2)) - (depth - n) - 1))
+        return self._grid_tile(image, info, r, _int(m.group(3)), _int(m.group(4)))
 
     def zoomify(self, argument: str) -> Response:
         """``<path>/ImageProperties.xml`` or ``<path>/TileGroup<g>/<z>-<x>-<y>.jpg``."""
@@ -537,8 +558,8 @@ class Service:
         info = image.source.info
         tw = info.tile_size[0]
         small = sum(1 for lv in info.levels if lv.width < tw and lv.height < tw)
-        r = int(m.group(2)) + max(0, small - 1)
-        return self._grid_tile(image, info, r, int(m.group(3)), int(m.group(4)))
+        r = _int(m.group(2)) + max(0, small - 1)
+        return self._grid_tile(image, info, r, _int(m.group(3)), _int(m.group(4)))
 
     def _grid_tile(self, image: OpenedImage, info: SourceInfo, r: int, x: int, y: int) -> Response:
         if not 0 <= r < len(info.levels):
