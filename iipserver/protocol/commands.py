@@ -7,6 +7,7 @@ the order iipsrv would meet them.
 
 from __future__ import annotations
 
+import math
 import re
 import struct
 from collections.abc import Callable
@@ -241,12 +242,26 @@ class _Malformed(Exception):
     pass
 
 
+#: Integers are saturated here: no image, level, tile or size comes anywhere near.
+SATURATION = 10**18
+
+
+def whole(digits: str) -> int:
+    """An optionally signed digit string as an int, saturated at ±10^18 (Python refuses to
+    convert 4300+ digits, and nothing in an image needs more than 19)."""
+    body = digits.lstrip("+-").lstrip("0") or "0"
+    sign = -1 if digits.startswith("-") else 1
+    if len(body) > 18:
+        return sign * SATURATION
+    return sign * int(body)
+
+
 def atoi(text: str) -> int:
-    """C ``atoi`` on the leading number of ``text``; raises if there is none."""
+    """C ``atoi`` on the leading number of ``text`` (saturated); raises if there is none."""
     m = _INT.match(text)
     if m is None:
         raise _Malformed(text)
-    return int(m.group(1))
+    return whole(m.group(1))
 
 
 def atof(text: str) -> float:
@@ -309,6 +324,8 @@ def _rot(arg: str) -> Command:
         text = text[1:]
         flip = 1
     angle = atof(text)
+    if not math.isfinite(angle):
+        raise _Malformed(arg)
     if flip and angle == 180:
         return Rotate(0.0, 2)
     return Rotate(angle, flip)

@@ -240,7 +240,8 @@ def iip_error_response(settings: Settings, errors: Sequence[tuple[str, str]]) ->
 
 def json_error_response(settings: Settings, status: int, detail: dict[str, object]) -> Response:
     """VisiOmatic 3 dialect error: ``{"detail": [entry]}`` (FastAPI's shape), JSON."""
-    body = json.dumps({"detail": [detail]}, separators=(",", ":"), ensure_ascii=False).encode()
+    text = json.dumps({"detail": [detail]}, separators=(",", ":"), ensure_ascii=False)
+    body = text.encode("utf-8", "replace")  # undecodable request bytes become "?"
     headers = [
         ("Server", SERVER),
         ("Content-Type", "application/json"),

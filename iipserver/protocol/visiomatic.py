@@ -24,6 +24,7 @@ from iipserver.encoders import encode_jpeg
 from iipserver.errors import IIPServerError, NotFound, VisiomaticError
 from iipserver.pipeline import Pipeline
 from iipserver.protocol import responses
+from iipserver.protocol.commands import whole
 from iipserver.protocol.query import Token, url_decode
 from iipserver.protocol.responses import Response
 from iipserver.settings import Settings
@@ -117,12 +118,12 @@ class Request:
                 m = _MINMAX.match(raw)
                 if m is None:
                     raise _invalid(name, "Value error, expected <channel>:<min>,<max>", raw)
-                req.minmax.append((int(m[1]), float(m[2]), float(m[3])))
+                req.minmax.append((whole(m[1]), float(m[2]), float(m[3])))
             elif key == "mix":
                 m = _MIX.match(raw)
                 if m is None:
                     raise _invalid(name, "Value error, expected <channel>:<r>,<g>,<b>", raw)
-                req.mix.append((int(m[1]), float(m[2]), float(m[3]), float(m[4])))
+                req.mix.append((whole(m[1]), float(m[2]), float(m[3]), float(m[4])))
             elif key == "brt":
                 req.brightness = _number(name, raw, -100, 100)
             elif key == "cnt":
@@ -142,19 +143,19 @@ class Request:
                 m = _JTL.match(raw)
                 if m is None:
                     raise _invalid(name, "String should match pattern '^(\\d+),(\\d+)$'", raw)
-                req.tile = (int(m[1]), int(m[2]))
+                req.tile = (whole(m[1]), whole(m[2]))
             elif key == "val":
                 m = _VAL.match(raw)
                 if m is None:
                     raise _invalid(
                         name, "String should match pattern '^([+-]?\\d+),([+-]?\\d+)$'", raw
                     )
-                req.value = (int(m[1]), int(m[2]))
+                req.value = (whole(m[1]), whole(m[2]))
             elif key in ("pfl", "rgn"):
                 m = _COORDS.match(raw)
                 if m is None:
                     raise _invalid(name, "String should match pattern 'x1,y1:x2,y2'", raw)
-                coords = (int(m[1]), int(m[2]), int(m[3]), int(m[4]))
+                coords = (whole(m[1]), whole(m[2]), whole(m[3]), whole(m[4]))
                 if key == "pfl":
                     req.profile = coords
                 else:
