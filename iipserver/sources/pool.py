@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
+import stat
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from iipserver.errors import ImageReadError
+from iipserver.errors import ImageReadError, UnsupportedImage
 from iipserver.sources import open_source
 from iipserver.sources.base import ImageSource
 
@@ -21,12 +22,14 @@ class FileStamp:
     mtime_ns: int
     size: int
     inode: int
+    mode: int = stat.S_IFREG
+    """``st_mode``: only regular files and directories (zarr) are opened."""
 
     @classmethod
     def of(cls, path: str) -> FileStamp:
         """Stat ``path``."""
         st = os.stat(path)
-        return cls(st.st_mtime, st.st_mtime_ns, st.st_size, st.st_ino)
+        return cls(st.st_mtime, st.st_mtime_ns, st.st_size, st.st_ino, st.st_mode)
 
 
 @dataclass(frozen=True)
@@ -66,13 +69,16 @@ class SourcePool:
         ``stamp`` is the file's stamp if the caller has just taken it.
 
         Raises:
-            ImageReadError, UnsupportedImage: the file cannot be opened as an image.
+            ImageReadError, UnsupportedImage: the file cannot be opened as an image (FIFOs,
+                devices and sockets are refused before anything opens them: no hang).
         """
         if stamp is None:
             try:
                 stamp = FileStamp.of(path)
             except OSError as exc:
                 raise ImageReadError("Unable to open file") from exc
+        if not (stat.S_ISREG(stamp.mode) or stat.S_ISDIR(stamp.mode)):
+            raise UnsupportedImage("Unsupported image type")
         with self._lock:
             entry = self._entries.get(path)
             if entry is not None and entry.stamp == stamp:

@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import os
+import stat
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import tifffile
 
-from iipserver.errors import ImageReadError, ResolutionNotFound, TileNotFound
+from iipserver.errors import (
+    IIPServerError,
+    ImageReadError,
+    ResolutionNotFound,
+    TileNotFound,
+    UnsupportedImage,
+)
 from iipserver.sources.base import Level, SourceInfo, composite
 
 log = logging.getLogger(__name__)
@@ -37,6 +45,18 @@ _METADATA_TAGS = {
 _DEFAULT_MAX = {8: 255.0, 12: 4095.0, 16: 65535.0, 32: 4294967295.0}
 
 _SOI, _EOI, _SOS, _APP14 = b"\xff\xd8", b"\xff\xd9", 0xDA, 0xEE
+#: Start-of-frame markers (baseline, extended, progressive, lossless; not DHT, JPG, DAC).
+_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+
+#: Largest decoded tile or strip, and largest stored one, a read may allocate (hostile files
+#: declare 65536² tiles, 2^40-byte tiles or JPEG frames of 60000²).
+MAX_SEGMENT_BYTES = 256 << 20
+#: JPEG-in-TIFF; every other codec tifffile decodes into a buffer of the segment's size,
+#: except the image codecs (JPEG 2000, PNG, WebP, JPEG XL…) whose output size only their own
+#: header states: those are refused.
+_JPEG = 7
+#: Bits per sample the pipeline serves, by SampleFormat (1 uint, 2 int, 3 float).
+_BITS = {1: {1, 2, 4, 8, 12, 16, 32}, 2: {8, 16, 32}, 3: {16, 32, 64}}
 
 
 def _says_rgb(stream: bytes) -> bool:
@@ -54,6 +74,75 @@ def _says_rgb(stream: bytes) -> bool:
             return ids == b"RGB"
         pos += 2 + int.from_bytes(stream[pos + 2 : pos + 4], "big")
     return False
+
+
+def _jpeg_size(stream: bytes) -> tuple[int, int] | None:
+    """(width, height) from a JPEG stream's start-of-frame marker; None if it has none."""
+    pos = 2
+    while pos + 9 <= len(stream) and stream[pos] == 0xFF:
+        marker = stream[pos + 1]
+        if marker == _SOS:
+            break
+        if marker in _SOF:
+            height = int.from_bytes(stream[pos + 5 : pos + 7], "big")
+            return int.from_bytes(stream[pos + 7 : pos + 9], "big"), height
+        pos += 2 + int.from_bytes(stream[pos + 2 : pos + 4], "big")
+    return None
+
+
+def _segment_shape(page: tifffile.TiffPage) -> tuple[int, int, int, int]:
+    """(segment count, width, rows, samples) of a page's tiles or strips."""
+    width, height = int(page.imagewidth), int(page.imagelength)
+    spp = int(page.samplesperpixel)
+    planes, samples = (spp, 1) if int(page.planarconfig) == 2 else (1, spp)
+    if page.is_tiled:
+        seg_w, seg_h = int(page.tilewidth), int(page.tilelength)
+        if seg_w < 1 or seg_h < 1:
+            raise ImageReadError("invalid tile size")
+        count = -(-width // seg_w) * -(-height // seg_h)
+    else:
+        seg_w, seg_h = width, max(1, min(int(page.rowsperstrip), height))
+        count = -(-height // seg_h)
+    return count * planes, seg_w, seg_h, samples
+
+
+def _check_page(page: tifffile.TiffPage, file_size: int) -> None:
+    """Refuse a page that cannot be read safely: absurd or inconsistent geometry, a pixel
+    layout or codec the server does not serve, tiles larger than ``MAX_SEGMENT_BYTES``, or
+    tile data outside the file.
+
+    Raises:
+        ImageReadError: the page's tags contradict each other or the file.
+        UnsupportedImage: a valid layout this server does not read.
+    """
+    bps = page.bitspersample
+    if not isinstance(bps, int):
+        raise UnsupportedImage("Unsupported bits per sample")
+    width, height = int(page.imagewidth), int(page.imagelength)
+    if width < 1 or height < 1 or int(page.samplesperpixel) < 1 or int(page.imagedepth) != 1:
+        raise ImageReadError("invalid image dimensions")
+    if page.dtype is None or bps not in _BITS.get(int(page.sampleformat), set()):
+        raise UnsupportedImage("Unsupported bits per sample")
+    if int(page.planarconfig) not in (1, 2):
+        raise UnsupportedImage("Unsupported planar configuration")
+    compression = int(page.compression)
+    if compression != 1 and (
+        compression not in tifffile.TIFF.DECOMPRESSORS
+        or (compression in tifffile.TIFF.IMAGE_COMPRESSIONS and compression != _JPEG)
+    ):
+        raise UnsupportedImage("Unsupported compression")
+    count, seg_w, seg_h, samples = _segment_shape(page)
+    if seg_w * seg_h * samples * np.dtype(page.dtype).itemsize > MAX_SEGMENT_BYTES:
+        raise UnsupportedImage("Tiles too large")
+    offsets = np.asarray(page.dataoffsets, dtype=np.uint64)
+    counts = np.asarray(page.databytecounts, dtype=np.uint64)
+    if offsets.shape != (count,) or counts.shape != (count,):
+        raise ImageReadError("tile table does not match the image size")
+    stored = counts > 0
+    if np.any(counts > MAX_SEGMENT_BYTES) or np.any(
+        offsets[stored] + counts[stored] > np.uint64(file_size)
+    ):
+        raise ImageReadError("tile data lies outside the file")
 
 
 def _plain_dtype(page: tifffile.TiffPage, byteorder: str) -> np.dtype | None:
@@ -103,6 +192,8 @@ def _pyramid_pages(tif: tifffile.TiffFile) -> list[tifffile.TiffPage]:
     reduced pages), masks and pages of another pixel layout are not levels.
     """
     first = tif.pages.first
+    size = int(tif.filehandle.size)
+    _check_page(first, size)
     levels: list[tifffile.TiffPage] = [first]
     candidates: list[Any] = []
     if first.subifds:
@@ -117,6 +208,10 @@ def _pyramid_pages(tif: tifffile.TiffFile) -> list[tifffile.TiffPage]:
             page = page.aspage()
         previous = levels[-1]
         if _same_layout(page, previous) and (page.is_tiled or not first.is_tiled):
+            try:
+                _check_page(page, size)
+            except IIPServerError:
+                continue  # a damaged reduced level is not a level
             levels.append(page)
     return levels
 
@@ -174,6 +269,36 @@ def _dpi(page: tifffile.TiffPage) -> tuple[float, float] | None:
     return value(xres) * scale, value(yres) * scale
 
 
+def _open_fd(path: str) -> int:
+    """Open ``path`` for reading without blocking (a FIFO swapped in must not hang the
+    worker) and make sure it is a regular file.
+
+    Raises:
+        ImageReadError: the file cannot be opened.
+        UnsupportedImage: it is not a regular file.
+    """
+    flags = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError as exc:
+        raise ImageReadError("Unable to open file") from exc
+    try:
+        regular = stat.S_ISREG(os.fstat(fd).st_mode)
+    except OSError:
+        regular = False
+    if not regular:
+        os.close(fd)
+        raise UnsupportedImage("Unsupported image type")
+    return fd
+
+
+def _open_regular(path: str) -> BinaryIO:
+    """``_open_fd`` as a buffered binary file (named after ``path``, as tifffile wants)."""
+    raw = io.FileIO(_open_fd(path), "rb")
+    raw.name = path
+    return io.BufferedReader(raw)
+
+
 class TiffSource:
     """A pyramidal TIFF/BigTIFF file.
 
@@ -188,7 +313,7 @@ class TiffSource:
         self._users = 0
         self._close_pending = False
         try:
-            with tifffile.TiffFile(path) as tif:
+            with _open_regular(path) as handle, tifffile.TiffFile(handle) as tif:
                 pages = _pyramid_pages(tif)
                 for page in pages:  # build each decode closure while the file is open
                     _ = page.decode
@@ -204,7 +329,9 @@ class TiffSource:
                     _plain_dtype(page, tif.byteorder) for page in self._pages
                 ]
                 self.info = self._read_info(pages)
-        except (tifffile.TiffFileError, ValueError, OSError, IndexError, KeyError) as exc:
+        except IIPServerError:
+            raise
+        except Exception as exc:  # whatever a hostile file makes tifffile raise
             raise ImageReadError(f"unreadable TIFF ({exc.__class__.__name__})") from exc
 
     def _read_info(self, pages: list[tifffile.TiffPage]) -> SourceInfo:
@@ -264,9 +391,14 @@ class TiffSource:
         return SourceInfo(**{**info.__dict__, "min_values": tuple(mins), "max_values": tuple(maxs)})
 
     def _computed_range(self) -> tuple[list[float], list[float]]:
-        """Per-channel finite min/max of the smallest level (policy §2)."""
+        """Per-channel finite min/max of the smallest level (policy §2); of its first tile
+        only when the whole level would take more than ``MAX_SEGMENT_BYTES``."""
         level = self.info.levels[0]
-        data = self.read_region(0, 0, 0, level.width, level.height).astype(np.float64)
+        itemsize = np.dtype(self.info.dtype).itemsize * self.info.channels
+        if level.width * level.height * itemsize > MAX_SEGMENT_BYTES:
+            data = self.read_tile(0, 0).astype(np.float64)
+        else:
+            data = self.read_region(0, 0, 0, level.width, level.height).astype(np.float64)
         flat = data.reshape(-1, data.shape[-1])
         lo, hi = [], []
         for c in range(flat.shape[1]):
@@ -280,8 +412,8 @@ class TiffSource:
         with self._lock:
             if self._fd is None:
                 try:
-                    self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-                except OSError as exc:
+                    self._fd = _open_fd(self.path)
+                except IIPServerError as exc:
                     raise ImageReadError("image file could not be reopened") from exc
             self._users += 1
             fd = self._fd
@@ -357,7 +489,7 @@ class TiffSource:
             return None
         with self._file() as fd:
             data = os.pread(fd, count, offset)
-        if len(data) != count or data[:2] != _SOI:
+        if len(data) != count or data[:2] != _SOI or _jpeg_size(data) != (w, h):
             return None  # let the decoding path report the damage
         if tables:
             if tables[:2] != _SOI or tables[-2:] != _EOI:
@@ -383,6 +515,11 @@ class TiffSource:
             data = os.pread(fd, count, offset) if count else None
             if count and len(data or b"") != count:
                 raise ImageReadError("tile data is truncated")
+            if data and int(page.compression) == _JPEG:
+                _, seg_w, seg_h, _ = _segment_shape(page)
+                size = _jpeg_size(data)
+                if size is not None and (size[0] > seg_w or size[1] > seg_h):
+                    raise ImageReadError("JPEG tile larger than the tile size")
             if (
                 plain is not None
                 and data
@@ -427,24 +564,25 @@ class TiffSource:
                 self.info.channels,
                 self.info.dtype,
             )
-        try:
-            with tifffile.TiffFile(self.path) as tif:
-                store = self._reopen_page(tif, page).aszarr()
-                import zarr
+        return self._finish(self._read_strips(page, x0, y0, x1, y1))
 
-                array = zarr.open_array(store, mode="r")
-                data = np.asarray(array[y0:y1, x0:x1])
-        except Exception as exc:
-            raise ImageReadError(
-                f"strip data could not be read ({exc.__class__.__name__})"
-            ) from exc
-        if data.ndim == 2:
-            data = data[:, :, None]
-        return self._finish(data)
-
-    def _reopen_page(self, tif: tifffile.TiffFile, page: tifffile.TiffPage) -> tifffile.TiffPage:
-        index = page.index
-        if isinstance(index, tuple):
-            tif.filehandle.seek(page.offset)
-            return tifffile.TiffPage(tif, index=index)
-        return tif.pages[index].aspage()
+    def _read_strips(
+        self, page: tifffile.TiffPage, x0: int, y0: int, x1: int, y1: int
+    ) -> np.ndarray:
+        """Rows ``y0:y1``, columns ``x0:x1`` of an untiled page, strip by strip."""
+        count, width, rows, _ = _segment_shape(page)
+        planes = int(page.samplesperpixel) if int(page.planarconfig) == 2 else 1
+        per_plane = count // planes
+        height = int(page.imagelength)
+        bands = []
+        with self._file() as fd:
+            for strip in range(y0 // rows, (y1 - 1) // rows + 1):
+                top = strip * rows
+                h = min(rows, height - top)
+                parts = [
+                    self._decode(fd, page, plane * per_plane + strip, h, width)
+                    for plane in range(planes)
+                ]
+                band = parts[0] if planes == 1 else np.concatenate(parts, axis=2)
+                bands.append(band[max(0, y0 - top) : y1 - top, x0:x1])
+        return bands[0] if len(bands) == 1 else np.concatenate(bands, axis=0)

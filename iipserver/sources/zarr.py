@@ -7,11 +7,21 @@ from typing import Any
 
 import numpy as np
 
-from iipserver.errors import ImageReadError, ResolutionNotFound, TileNotFound
+from iipserver.errors import (
+    IIPServerError,
+    ImageReadError,
+    ResolutionNotFound,
+    TileNotFound,
+    UnsupportedImage,
+)
 from iipserver.sources.base import Level, SourceInfo
 
 _MARKERS = ("zarr.json", ".zgroup", ".zarray")
 _DEFAULT_MAX = {1: 255.0, 2: 65535.0, 4: 4294967295.0}
+#: Largest chunk a read may decode, as ``tiff.MAX_SEGMENT_BYTES`` for TIFF tiles.
+MAX_CHUNK_BYTES = 256 << 20
+#: Longest axis served (IIP sizes are 32-bit; a sparse store can declare 2^40 for free).
+MAX_SIDE = 2**31 - 1
 
 
 def is_zarr(path: str) -> bool:
@@ -26,6 +36,22 @@ def _multiscales(attrs: dict[str, Any]) -> dict[str, Any] | None:
     if isinstance(scales, list) and scales and isinstance(scales[0], dict):
         return scales[0]
     return None
+
+
+def _check_array(array: Any) -> None:
+    """Refuse arrays that are not images or whose chunks are too large to decode.
+
+    Raises:
+        UnsupportedImage: fewer than two axes, an empty axis, an axis longer than
+            ``MAX_SIDE``, or chunks over ``MAX_CHUNK_BYTES``.
+    """
+    if array.ndim < 2 or 0 in array.shape:
+        raise UnsupportedImage("Unsupported image type")
+    if max(int(n) for n in array.shape) > MAX_SIDE:
+        raise UnsupportedImage("Image too large")
+    chunk = int(np.prod([int(c) for c in array.chunks], dtype=np.float64))
+    if chunk * np.dtype(array.dtype).itemsize > MAX_CHUNK_BYTES:
+        raise UnsupportedImage("Tiles too large")
 
 
 class ZarrSource:
@@ -49,13 +75,15 @@ class ZarrSource:
                     raise ImageReadError("zarr group without multiscales metadata")
                 arrays = [node[d["path"]] for d in scales["datasets"]]  # type: ignore[misc]
                 axes = [a["name"] if isinstance(a, dict) else a for a in scales.get("axes", [])]
-        except ImageReadError:
+            for array in arrays:
+                _check_array(array)
+            self._arrays = sorted(arrays, key=lambda a: a.shape[-1] * a.shape[-2])
+            self._axes = self._axis_map(self._arrays[-1], axes)
+            self.info = self._read_info()
+        except IIPServerError:
             raise
-        except Exception as exc:
+        except Exception as exc:  # whatever a hostile store makes zarr raise
             raise ImageReadError(f"unreadable zarr ({exc.__class__.__name__})") from exc
-        self._arrays = sorted(arrays, key=lambda a: a.shape[-1] * a.shape[-2])
-        self._axes = self._axis_map(self._arrays[-1], axes)
-        self.info = self._read_info()
 
     @staticmethod
     def _axis_map(array: Any, axes: list[str] | None) -> dict[str, int]:
@@ -96,7 +124,11 @@ class ZarrSource:
         )
         self.info = info
         if fmt == "float":
-            data = self.read_region(0, 0, 0, levels[0].width, levels[0].height).astype(np.float64)
+            # the smallest level, or its first chunk when the level is too large to read
+            w, h = levels[0].width, levels[0].height
+            if w * h * channels * dtype.itemsize > MAX_CHUNK_BYTES:
+                w, h = min(w, levels[0].tile_width), min(h, levels[0].tile_height)
+            data = self.read_region(0, 0, 0, w, h).astype(np.float64)
             flat = data.reshape(-1, channels)
             mins, maxs = [], []
             for c in range(channels):
