@@ -295,23 +295,40 @@ class Pipeline:
 
     def background(self, image: OpenedImage) -> Background:
         """Background level, MAD and default cuts (VisiOmatic 3's), from every 16th row of the
-        full-resolution level counted from the bottom (FITS row 1); cached per file version."""
+        full-resolution level counted from the bottom (FITS row 1); cached per file version.
+        When those rows would not fit ``region_budget`` (very large images), the largest
+        reduced level whose rows do is sampled instead.
+
+        Raises:
+            BadRequest: not even the smallest level fits.
+        """
         key = (image.path, image.stamp.mtime_ns, image.stamp.size)
         found = self._backgrounds.get(key)
         if found is not None:
             return found
         info = image.source.info
         full = len(info.levels) - 1
+        itemsize = max(np.dtype(info.dtype).itemsize, 4)  # samples become float32 or wider
+        while True:  # the largest level whose sampled rows fit the region budget
+            lv = info.levels[full]
+            rows = -(-lv.height // 16)
+            band = lv.width * lv.tile_height * info.channels * itemsize
+            fits = max(band, lv.width * rows * info.channels * itemsize) <= self.region_budget
+            if fits:
+                break
+            if full == 0:
+                raise BadRequest("image too large for background statistics (MAX_REGION_MB)")
+            full -= 1
         level = info.levels[full]
         wanted = np.arange(level.height - 1, -1, -16)[::-1]
         samples = []
         for top in range(0, level.height, level.tile_height):
-            rows = wanted[(wanted >= top) & (wanted < top + level.tile_height)]
-            if rows.size:
-                band = self.raw_region(
+            rows_here = wanted[(wanted >= top) & (wanted < top + level.tile_height)]
+            if rows_here.size:
+                band_pixels = self.raw_region(
                     image, full, 0, top, level.width, level.tile_height, budgeted=False
                 )
-                samples.append(band[rows - top])
+                samples.append(band_pixels[rows_here - top])
         data = np.concatenate(samples)[::-1]  # FITS order: bottom row first
         planes = np.moveaxis(data, 2, 0).reshape(info.channels, -1)
         bg_level, mad = vdisplay.background(planes)

@@ -104,3 +104,17 @@ def test_nonsense_limits_stop_the_server(name: str, value: str):
 
     with pytest.raises(ConfigError, match=name):
         Settings.from_environ({name: value})
+
+
+def test_background_statistics_of_large_images_fit_the_budget(tmp_path: Path):
+    """VisiOmatic INFO samples every 16th row: a reduced level when the full one would not fit
+    MAX_REGION_MB, a JSON 400 when none fits (a hostile file may declare any size)."""
+    sky = star_field(1200, 1200)
+    write_pyramid(tmp_path / "pyramid.tif", pyramid_levels(sky))
+    write_pyramid(tmp_path / "single.tif", [sky])
+    a = app(tmp_path, MAX_REGION_MB="1")  # a full-width band of 256 rows is 1.2 MB
+    info = json.loads(call(a, "FIF=pyramid.tif&INFO", path=V3).body)["images"][0]
+    assert len(info["background_level"]) == 1 and len(info["min_max"]) == 1
+    json_error(call(a, "FIF=single.tif&INFO", path=V3), 400)
+    whole = json.loads(call(app(tmp_path), "FIF=single.tif&INFO", path=V3).body)["images"][0]
+    assert abs(whole["background_level"][0] - info["background_level"][0]) < 1.0

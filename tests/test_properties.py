@@ -5,9 +5,8 @@ non-finite, empty and Unicode arguments, and whole WSGI requests (paths, methods
 POST bodies). Every answer must be well formed: a status in 200–599, a Content-Type, a
 Content-Length equal to the body's length, bytes for a body, a 500 only with the generic
 body, no exception escaping the app, and quickly (no huge allocation). Runs are derandomised
-so CI is reproducible. Each failure found is kept below as an explicit regression test;
-those whose fix lies outside the files of this change are marked ``xfail`` with the place
-of the fix (tests/test_traversal.py covers path confinement).
+so CI is reproducible. Each failure found is kept below as an explicit regression test
+(tests/test_traversal.py covers path confinement).
 """
 
 from __future__ import annotations
@@ -450,12 +449,6 @@ HOSTILE_TIFFS = {
 }
 
 
-@pytest.mark.xfail(
-    reason="sources/tiff.py TiffSource.__init__ catches (TiffFileError, ValueError, OSError, "
-    "IndexError, KeyError) only: tifffile's TypeError (tuple BitsPerSample) and _dpi's "
-    "ZeroDivisionError escape instead of ImageReadError",
-    strict=False,
-)
 @pytest.mark.parametrize("case", HOSTILE_TIFFS)
 def test_tiff_source_raises_only_our_errors(tmp_path, case):
     from iipserver.sources.tiff import TiffSource

@@ -173,13 +173,6 @@ ESCAPES = [
 ]
 
 
-#: Known bug (tests/test_properties.py::test_json_error_with_undecodable_path): an exception
-#: escapes the app for a VisiOmatic request whose FIF is not UTF-8.
-JSON_SURROGATES = (
-    "responses.json_error_response encodes surrogates strictly: the exception escapes the app"
-)
-
-
 def utf8(data: bytes) -> bool:
     try:
         data.decode("utf-8")
@@ -310,8 +303,6 @@ def test_the_image_inside_is_served(tree, kind):
 @pytest.mark.parametrize("kind", KINDS, ids=lambda k: k.name)
 def test_escapes_are_refused(tree, kind, template):
     path = expand(template, tree)
-    if kind.error == "json" and not utf8(unquote_to_bytes(path.encode("latin-1"))):
-        pytest.xfail(JSON_SURROGATES)
     query, where = kind.build(path)
     reply = send(app_for(tree), kind, path)
     check_refused(reply, kind, query + where, tree, template)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Callable
 
 from iipserver.errors import ImageReadError, UnsupportedImage
@@ -33,11 +34,18 @@ def detect(path: str) -> Callable[[str], ImageSource]:
         if is_zarr(path):
             return ZarrSource
         raise UnsupportedImage("Unsupported image type")
-    try:
-        with open(path, "rb") as f:
-            head = f.read(10)
+    try:  # non-blocking: a FIFO swapped in after the pool's check must not hang the worker
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except OSError as exc:
         raise ImageReadError("Unable to open file") from exc
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ImageReadError("Unable to open file")
+        head = os.pread(fd, 10, 0)
+    except OSError as exc:
+        raise ImageReadError("Unable to open file") from exc
+    finally:
+        os.close(fd)
     if len(head) < 10:
         raise ImageReadError("Unable to read initial byte sequence from file")
     for magic, factory in SOURCES.items():
