@@ -108,7 +108,7 @@ export PATH
 
 # --- Checks -------------------------------------------------------------------------------------
 lint_paths=()
-for dir in iipserver tests bench; do
+for dir in iipserver tests bench fuzz; do
     [[ -d $dir ]] && lint_paths+=("$dir")
 done
 log "ruff check ${lint_paths[*]}"
