@@ -185,7 +185,7 @@ def _waiter(listen_fd: int, lifeline: int, wake: int) -> Callable[[], list[int]]
     return lambda: [fd for fd, _ in poller.poll()]
 
 
-class Worker:
+class Worker(prefork.WorkerFlags):
     """One worker process: accepts connections on the shared socket and answers requests.
 
     Args:
@@ -195,36 +195,13 @@ class Worker:
     """
 
     def __init__(self, app: Any, listen_sock: socket.socket, *, max_requests: int = 0) -> None:
-        self.app = app
+        super().__init__(app)
         self.listen_sock = listen_sock
         self.max_requests = max_requests
         addrs = os.environ.get("FCGI_WEB_SERVER_ADDRS")
         self.allowed = None if addrs is None else {a.strip() for a in addrs.split(",")}
         self.served = 0
-        self.stopping = False
-        self.hup_pending = False
         self.wake = -1
-
-    # -- signal callbacks (flags only) ------------------------------------------------------
-
-    def request_stop(self) -> None:
-        """SIGTERM/SIGINT: finish the request in progress, then exit."""
-        self.stopping = True
-
-    def request_hup(self) -> None:
-        """SIGHUP: empty the caches at the next safe point."""
-        self.hup_pending = True
-
-    def apply_hup(self) -> None:
-        """Empty the application's caches if a SIGHUP arrived; call only outside a request."""
-        while self.hup_pending:
-            self.hup_pending = False
-            try:
-                self.app.clear_caches()
-            except Exception:
-                log.exception("clearing the caches failed")
-            else:
-                log.info("caches cleared (SIGHUP)")
 
     # -- accept loop ------------------------------------------------------------------------
 

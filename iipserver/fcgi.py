@@ -158,7 +158,7 @@ class _Connection(Connection):
         self._sock.close()
 
 
-class FastCGIWorker(WSGIServer):
+class FastCGIWorker(prefork.WorkerFlags, WSGIServer):
     """One worker process: flup's FastCGI/WSGI handling on the shared listening socket.
 
     Args:
@@ -176,39 +176,16 @@ class FastCGIWorker(WSGIServer):
         bind_address: tuple[str, int] | str | None,
         max_requests: int = 0,
     ) -> None:
-        super().__init__(
-            app, bindAddress=bind_address, debug=False, minSpare=1, maxSpare=1, maxChildren=1
+        WSGIServer.__init__(
+            self, app, bindAddress=bind_address, debug=False, minSpare=1, maxSpare=1, maxChildren=1
         )
         addrs = os.environ.get("FCGI_WEB_SERVER_ADDRS")
         self._web_server_addrs = None if addrs is None else [a.strip() for a in addrs.split(",")]
-        self.app = app
+        prefork.WorkerFlags.__init__(self, app)
         self.listen_sock = listen_sock
         self.max_requests = max_requests
         self.served = 0
-        self.stopping = False
-        self.hup_pending = False
         self.wake = -1
-
-    # -- signal callbacks (flags only) ------------------------------------------------------
-
-    def request_stop(self) -> None:
-        """SIGTERM/SIGINT: finish the request in progress, then exit."""
-        self.stopping = True
-
-    def request_hup(self) -> None:
-        """SIGHUP: empty the caches at the next safe point."""
-        self.hup_pending = True
-
-    def apply_hup(self) -> None:
-        """Empty the application's caches if a SIGHUP arrived; call only outside a request."""
-        while self.hup_pending:
-            self.hup_pending = False
-            try:
-                self.app.clear_caches()
-            except Exception:
-                logger.exception("clearing the caches failed")
-            else:
-                logger.info("caches cleared (SIGHUP)")
 
     # -- flup hooks -------------------------------------------------------------------------
 

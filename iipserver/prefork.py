@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from types import FrameType
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -268,6 +269,40 @@ def drain(fd: int) -> None:
 
 
 # -- listening sockets ----------------------------------------------------------------------
+
+
+def clear_caches(app: Any) -> None:
+    """Empty ``app``'s caches (SIGHUP), logging the outcome; never raises."""
+    try:
+        app.clear_caches()
+    except Exception:
+        logger.exception("clearing the caches failed")
+    else:
+        logger.info("caches cleared (SIGHUP)")
+
+
+class WorkerFlags:
+    """What a worker's signal handlers set — flags only, as a handler may interrupt the
+    application anywhere — and the SIGHUP action, taken at a safe point between requests."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.stopping = False
+        self.hup_pending = False
+
+    def request_stop(self) -> None:
+        """SIGTERM/SIGINT: finish the request in progress, then exit."""
+        self.stopping = True
+
+    def request_hup(self) -> None:
+        """SIGHUP: empty the caches at the next safe point."""
+        self.hup_pending = True
+
+    def apply_hup(self) -> None:
+        """Empty the application's caches if a SIGHUP arrived; call only outside a request."""
+        while self.hup_pending:
+            self.hup_pending = False
+            clear_caches(self.app)
 
 
 def parse_bind(text: str) -> tuple[str, int] | str:

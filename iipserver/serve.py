@@ -264,15 +264,6 @@ class _Control:
         self.hup = True
 
 
-def _clear_caches(app: Any) -> None:
-    try:
-        app.clear_caches()
-    except Exception:
-        logger.exception("clearing the caches failed")
-    else:
-        logger.info("caches cleared (SIGHUP)")
-
-
 def _control_loop(
     control: _Control, server: WorkerServer, app: Any, wake: int, lifeline: int
 ) -> None:
@@ -284,7 +275,7 @@ def _control_loop(
             control.stop = True  # the parent closed it or died
         if control.hup:
             control.hup = False
-            _clear_caches(app)
+            prefork.clear_caches(app)
         if control.stop:
             server.stopping = True
             server.shutdown()  # returns once serve_forever has stopped accepting
