@@ -118,3 +118,20 @@ def test_background_statistics_of_large_images_fit_the_budget(tmp_path: Path):
     json_error(call(a, "FIF=single.tif&INFO", path=V3), 400)
     whole = json.loads(call(app(tmp_path), "FIF=single.tif&INFO", path=V3).body)["images"][0]
     assert abs(whole["background_level"][0] - info["background_level"][0]) < 1.0
+
+
+def test_distinct_missing_paths_leave_nothing_behind(root: Path):
+    """Each request for a missing image looks for an image sequence: no per-path state (a
+    glob pattern per path was compiled and cached: ~1 KiB per distinct path, found by fuzzing)."""
+    import tracemalloc
+
+    a = app(root)
+    for k in range(200):  # warm every cache that is meant to exist
+        call(a, f"FIF=missing-{k}.tif&OBJ=Max-size")
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    for k in range(3000):
+        assert call(a, f"FIF=gone-{k}-x.tif&OBJ=Max-size").status == 404
+    grown = tracemalloc.get_traced_memory()[0] - before
+    tracemalloc.stop()
+    assert grown < 600_000, grown  # the 2 s path cache holds ~100 B per path, nothing else

@@ -89,6 +89,20 @@ def _resolve(requested: str, prefix: str, suffix: str) -> str:
     return real
 
 
+def _named_like(stem: str) -> tuple[str, list[str]]:
+    """The directory of ``stem`` and the names in it that start like ``stem``'s last part.
+
+    Plain string matching, not ``glob``: a glob pattern made of a client's path is compiled to
+    a regular expression and cached, a memory and CPU cost per distinct missing path.
+    """
+    directory, base = os.path.split(stem)
+    try:
+        names = os.listdir(directory or ".")
+    except (OSError, ValueError):
+        return directory, []
+    return directory, [name for name in names if name.startswith(base)]
+
+
 def find_sequence(requested: str, prefix: str, pattern: str) -> tuple[str, str]:
     """Find an image sequence ``<prefix><path><pattern>XXX_YYY.<ext>`` (spec §6 step 4).
 
@@ -98,12 +112,16 @@ def find_sequence(requested: str, prefix: str, pattern: str) -> tuple[str, str]:
     Raises:
         ImageNotFound: no sequence, several extensions, or a match outside the prefix.
     """
-    import glob
-
     if not requested or "\x00" in requested or ".." in requested.replace("\\", "/").split("/"):
         raise _missing(requested)
     stem = prefix + requested + pattern
-    matches = glob.glob(glob.escape(stem) + "000_090.*")
+    directory, names = _named_like(stem)
+    first = os.path.basename(stem) + "000_090."
+    matches = [
+        os.path.join(directory, name)
+        for name in names
+        if name.startswith(first) and len(name) > len(first) and not name.startswith(".")
+    ]
     if len(matches) != 1:
         raise _missing(requested)
     extension = matches[0].rsplit(".", 1)[1]
@@ -116,17 +134,17 @@ def find_sequence(requested: str, prefix: str, pattern: str) -> tuple[str, str]:
 
 def sequence_angles(stem: str, extension: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """Horizontal angles (files ``*_090``) and vertical angles (files ``000_*``), ascending."""
-    import glob
-
-    escaped = glob.escape(stem)
-    horizontal = set()
-    for name in glob.glob(escaped + "*_090." + glob.escape(extension)):
-        middle = name[len(stem) :].rsplit("_", 1)[0]
-        if middle.isdigit():
-            horizontal.add(int(middle))
-    vertical = set()
-    for name in glob.glob(escaped + "000_*." + glob.escape(extension)):
-        tail = name[len(stem) + 4 : -(len(extension) + 1)]
-        if tail.isdigit():
-            vertical.add(int(tail))
+    _, names = _named_like(stem)
+    base = os.path.basename(stem)
+    suffix = "." + extension
+    horizontal, vertical = set(), set()
+    for name in names:
+        if not name.endswith(suffix):
+            continue
+        middle = name[len(base) : -len(suffix)]  # XXX_YYY
+        x, sep, y = middle.rpartition("_")
+        if sep and y == "090" and x.isdigit():
+            horizontal.add(int(x))
+        if sep and x == "000" and y.isdigit():
+            vertical.add(int(y))
     return tuple(sorted(horizontal)) or (0,), tuple(sorted(vertical)) or (90,)
