@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Hashable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -138,22 +139,25 @@ class Tables:
         self._built: EntryLRU[Curve, transforms.ToneTable] = EntryLRU(kept)
         self._pending: dict[Curve, Future[transforms.ToneTable]] = {}
         self._executor: ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()
 
     def get(self, curve: Curve) -> transforms.ToneTable | None:
-        """The table of ``curve`` if built; else start building it (at most two at a time)."""
+        """The table of ``curve`` if built; else start building it (at most two at a time).
+        Safe to call from several request threads (``iipserver serve``)."""
         table = self._built.get(curve)
         if table is not None:
             return table
-        future = self._pending.get(curve)
-        if future is None:
-            if len(self._pending) < 2:
-                if self._executor is None:  # created in the worker, after any fork
-                    self._executor = ThreadPoolExecutor(1, thread_name_prefix="tables")
-                self._pending[curve] = self._executor.submit(build_table, curve)
-            return None
-        if not future.done():
-            return None
-        del self._pending[curve]
+        with self._lock:
+            future = self._pending.get(curve)
+            if future is None:
+                if len(self._pending) < 2:
+                    if self._executor is None:  # created in the worker, after any fork
+                        self._executor = ThreadPoolExecutor(1, thread_name_prefix="tables")
+                    self._pending[curve] = self._executor.submit(build_table, curve)
+                return None
+            if not future.done():
+                return None
+            del self._pending[curve]
         try:
             table = future.result()
         except Exception:
@@ -170,7 +174,8 @@ class Tables:
     def clear(self) -> None:
         """Forget every table (those being built are dropped when done)."""
         self._built.clear()
-        self._pending.clear()
+        with self._lock:
+            self._pending.clear()
 
 
 def build_table(curve: Curve) -> transforms.ToneTable:

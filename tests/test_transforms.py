@@ -325,3 +325,38 @@ def test_table_and_direct_paths_render_the_same_tiles():
             )
         expect_levels = not (channels == 3 and (len(set(fields["mins"])) > 1 or "twist" in fields))
         assert (levels_of(info, rendering) is not None) == expect_levels
+
+
+def test_tables_are_built_once_in_the_background(monkeypatch):
+    """Many request threads asking for one chain's table: one build, then the table."""
+    import threading
+    import time
+
+    from iipserver import pipeline
+
+    builds = []
+
+    def slow_build(curve):
+        builds.append(curve)
+        time.sleep(0.2)
+        return t.tone_table.__wrapped__(curve)
+
+    monkeypatch.setattr(pipeline, "build_table", slow_build)
+    tables = pipeline.Tables()
+    tone = t.Tone(gamma=0.7)
+    seen = []
+
+    def ask():
+        for _ in range(50):
+            seen.append(tables.get(tone))
+            time.sleep(0.01)
+
+    threads = [threading.Thread(target=ask) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert builds == [tone]
+    assert seen[0] is None and seen[-1] is not None  # requests never waited for the build
+    data = np.linspace(-0.5, 1.5, 999, dtype=np.float32).reshape(-1, 1, 1)
+    np.testing.assert_array_equal(t.apply_tone(data, tone, seen[-1]), tone.exact(data))
