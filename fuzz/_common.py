@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import sys
 import tempfile
 from collections.abc import Callable
@@ -12,8 +11,9 @@ import numpy as np
 import tifffile
 
 REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+for _path in (str(REPO), str(REPO / "tests")):  # the targets use tests/wsgi_client.py
+    if _path not in sys.path:
+        sys.path.insert(0, _path)
 
 
 class Crash(AssertionError):
@@ -39,27 +39,6 @@ def make_app(root: Path) -> Callable:
 
     env = {"FILESYSTEM_PREFIX": f"{root}/", "URI_MAP": "iiif=>IIIF", "VERBOSITY": "0"}
     return build(Settings.from_environ(env))
-
-
-def environ_for(query: str, path: str = "/fcgi-bin/iipsrv.fcgi", method: str = "GET",
-                body: bytes = b"", headers: dict[str, str] | None = None) -> dict:  # fmt: skip
-    environ = {
-        "REQUEST_METHOD": method,
-        "QUERY_STRING": query,
-        "REQUEST_URI": path + ("?" + query if query else ""),
-        "SCRIPT_NAME": path,
-        "PATH_INFO": "",
-        "SERVER_NAME": "localhost",
-        "SERVER_PORT": "80",
-        "HTTP_HOST": "localhost",
-        "SERVER_PROTOCOL": "HTTP/1.1",
-        "CONTENT_LENGTH": str(len(body)) if body else "",
-        "wsgi.input": io.BytesIO(body),
-        "wsgi.url_scheme": "http",
-    }
-    for name, value in (headers or {}).items():
-        environ["HTTP_" + name.upper().replace("-", "_")] = value
-    return environ
 
 
 def check(app: Callable, environ: dict) -> tuple[int, bytes]:

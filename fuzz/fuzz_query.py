@@ -13,7 +13,8 @@ import logging
 import sys
 
 import atheris
-from _common import check, default_corpus, environ_for, temp_root, write_images
+from _common import check, default_corpus, temp_root, write_images
+from wsgi_client import environ_for
 
 with atheris.instrument_imports():
     import iipserver.app

@@ -21,7 +21,8 @@ import sys
 import atheris
 import numpy as np
 import tifffile
-from _common import check, default_corpus, environ_for, temp_root
+from _common import check, default_corpus, temp_root
+from wsgi_client import environ_for
 
 with atheris.instrument_imports():
     import iipserver.sources.pool

@@ -24,7 +24,6 @@ What the FastCGI specification asks of a responder, and what we do:
 
 from __future__ import annotations
 
-import errno
 import io
 import logging
 import os
@@ -225,16 +224,10 @@ class Worker(prefork.WorkerFlags):
                 continue
             if lifeline in ready:
                 break  # the parent closed it (stop) or died
-            try:
-                conn, addr = sock.accept()
-            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
-                continue  # another worker took it
-            except OSError as exc:
-                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    log.error("accept failed: %s", exc)
-                    time.sleep(0.1)
-                    continue
-                raise
+            accepted = prefork.accept(sock)
+            if accepted is None:
+                continue
+            conn, addr = accepted
             if tcp and self.allowed is not None and addr[0] not in self.allowed:
                 conn.close()
                 continue

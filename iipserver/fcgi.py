@@ -230,16 +230,10 @@ class FastCGIWorker(prefork.WorkerFlags, WSGIServer):
                 continue
             if lifeline in ready:
                 break  # the parent closed it (stop) or died
-            try:
-                client, addr = sock.accept()
-            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
-                continue  # another worker took it
-            except OSError as exc:
-                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    logger.error("accept failed: %s", exc)
-                    time.sleep(0.1)
-                    continue
-                raise
+            accepted = prefork.accept(sock)
+            if accepted is None:
+                continue
+            client, addr = accepted
             if not self._isClientAllowed(addr):
                 client.close()
                 continue

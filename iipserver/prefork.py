@@ -271,6 +271,25 @@ def drain(fd: int) -> None:
 # -- listening sockets ----------------------------------------------------------------------
 
 
+def accept(sock: socket.socket) -> tuple[socket.socket, Any] | None:
+    """Accept a connection on the non-blocking listening ``sock``; None when there is none
+    after all (another worker took it) or the process is briefly out of descriptors or memory.
+
+    Raises:
+        OSError: any other failure of ``accept``.
+    """
+    try:
+        return sock.accept()
+    except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+        return None
+    except OSError as exc:
+        if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+            logger.error("accept failed: %s", exc)
+            time.sleep(0.1)
+            return None
+        raise
+
+
 def clear_caches(app: Any) -> None:
     """Empty ``app``'s caches (SIGHUP), logging the outcome; never raises."""
     try:

@@ -23,14 +23,14 @@ class Reply:
         return [k for k, _ in self.headers]
 
 
-def call(
-    app,
+def environ_for(
     query: str,
-    method: str = "GET",
-    headers: dict | None = None,
-    body: bytes = b"",
     path: str = "/fcgi-bin/iipsrv.fcgi",
-) -> Reply:
+    method: str = "GET",
+    body: bytes = b"",
+    headers: dict | None = None,
+) -> dict:
+    """An iipsrv-style WSGI environ (as nginx's FastCGI params give) for ``query`` at ``path``."""
     environ = {
         "REQUEST_METHOD": method,
         "QUERY_STRING": query,
@@ -47,6 +47,18 @@ def call(
     }
     for name, value in (headers or {}).items():
         environ["HTTP_" + name.upper().replace("-", "_")] = value
+    return environ
+
+
+def call(
+    app,
+    query: str,
+    method: str = "GET",
+    headers: dict | None = None,
+    body: bytes = b"",
+    path: str = "/fcgi-bin/iipsrv.fcgi",
+) -> Reply:
+    environ = environ_for(query, path, method, body, headers)
     captured = {}
 
     def start_response(status, response_headers, exc_info=None):
