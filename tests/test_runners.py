@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import http.client
 import json
+import logging
 import os
 import re
 import signal
@@ -576,6 +577,8 @@ def test_verbosity_levels() -> None:
 
 
 def test_logfile(tmp_path: Path) -> None:
+    package_logger = logging.getLogger("iipserver")
+    saved = (package_logger.handlers[:], package_logger.level, package_logger.propagate)
     logfile = tmp_path / "iipserver.log"
     settings = Settings.from_environ({"LOGFILE": str(logfile), "VERBOSITY": "1"})
     logger = logs.configure_logging(settings)
@@ -590,6 +593,9 @@ def test_logfile(tmp_path: Path) -> None:
             logs.configure_logging(settings.replace(logfile=str(tmp_path / "no" / "such.log")))
     finally:
         logs.configure_logging(Settings.from_environ({"VERBOSITY": "0"}))
+        for handler in package_logger.handlers:  # leave logging as the other tests found it
+            handler.close()
+        package_logger.handlers[:], package_logger.level, package_logger.propagate = saved
 
 
 def test_demo_files(demo_dir: Path) -> None:
