@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -30,8 +31,9 @@ from iipserver.protocol.query import Token, request_string, tokenize, url_decode
 from iipserver.protocol.responses import Response
 from iipserver.protocol.visiomatic import VisiomaticSession, is_visiomatic
 from iipserver.settings import Settings
-from iipserver.sources import paths
+from iipserver.sources import open_source, paths
 from iipserver.sources.pool import FileStamp, SourcePool
+from iipserver.sources.pyramids import PyramidCache
 from iipserver.watermark import Watermark
 
 log = logging.getLogger(__name__)
@@ -60,7 +62,7 @@ NOT_IN_RESPONSES = frozenset(
     {
         "VERBOSITY", "LOGFILE", "MAX_IMAGE_CACHE_SIZE", "MAX_METADATA_CACHE_SIZE",
         "MAX_OPEN_FILES", "MEMCACHED_SERVERS", "MEMCACHED_TIMEOUT", "MEMCACHED_PREFIX",
-        "STATUS_ENDPOINT",
+        "STATUS_ENDPOINT", "PYRAMID_CACHE_DIR", "PYRAMID_CACHE_MB",
     }
 )  # fmt: skip
 
@@ -70,7 +72,14 @@ class IIPApp:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.pool = SourcePool(settings.max_metadata_cache_size, settings.max_open_files)
+        pyramids = PyramidCache(
+            settings.pyramid_directory, int(settings.pyramid_cache_mb * 1024 * 1024)
+        )
+        self.pool = SourcePool(
+            settings.max_metadata_cache_size,
+            settings.max_open_files,
+            functools.partial(open_source, pyramids=pyramids),
+        )
         watermark = None
         if settings.watermark:
             watermark = Watermark.load(

@@ -20,7 +20,7 @@ EXIT_CONFIG = 2
 #: Exit status when the server cannot start for another reason (socket in use, …).
 EXIT_FAILURE = 1
 
-_COMMANDS = ("fcgi", "serve")
+_COMMANDS = ("fcgi", "serve", "convert")
 
 
 def _positive(text: str) -> int:
@@ -165,6 +165,23 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="listen queue length (default %(default)s)",
     )
+    convert = commands.add_parser(
+        "convert",
+        help="convert a FITS image to a tiled pyramidal BigTIFF that iipsrv serves",
+        description="Convert a FITS image (IN.fits, or IN.fits[EXTNAME] / IN.fits[N] for one "
+        "HDU) to a tiled pyramidal float32 BigTIFF: reduced levels, SMin/SMaxSampleValue per "
+        "band, the FITS header in ImageDescription. Streams: memory stays bounded.",
+    )
+    convert.add_argument("input", metavar="IN", help="FITS file, optionally with [HDU]")
+    convert.add_argument("output", metavar="OUT", help="TIFF file to write (replaced if present)")
+    convert.add_argument(
+        "--compression",
+        choices=("none", "deflate", "zstd"),
+        default="none",
+        help="tile compression (default %(default)s; deflate and zstd use the floating-point "
+        "predictor)",
+    )
+    convert.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 
 
@@ -183,6 +200,15 @@ def _stop_during_start_up(signum: int, frame: FrameType | None) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.command == "convert":
+        from iipserver import convert
+        from iipserver.errors import IIPServerError
+
+        try:
+            return convert.run(args.input, args.output, args.compression, args.quiet)
+        except IIPServerError as exc:
+            print(f"iipserver: cannot convert {args.input}: {exc}", file=sys.stderr)
+            return EXIT_FAILURE
     settings = Settings.from_environ(os.environ)
     configure_logging(settings)
     if args.command == "serve":

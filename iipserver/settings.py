@@ -193,6 +193,26 @@ class Settings:
     max_profile_length: int = _setting(
         "MAX_PROFILE_LENGTH", 100000, _int, "Most points in a profile (PFL).", _at_least(1)
     )
+    pyramid_cache_dir: str = _setting(
+        "PYRAMID_CACHE_DIR", "", _str,
+        "Directory of the reduced levels of FITS images, shared by every worker "
+        "(empty: iipserver-pyramids in the system's temporary directory).",
+    )  # fmt: skip
+    pyramid_cache_mb: float = _setting(
+        "PYRAMID_CACHE_MB", 4096.0, _float,
+        "Size bound of PYRAMID_CACHE_DIR, MB, least recently used images removed first "
+        "(0: no cache, reduced FITS tiles are computed from full resolution).",
+        _at_least(0),
+    )  # fmt: skip
+
+    @property
+    def pyramid_directory(self) -> str:
+        """``PYRAMID_CACHE_DIR``, or its default under the system's temporary directory."""
+        if self.pyramid_cache_dir:
+            return self.pyramid_cache_dir
+        import tempfile
+
+        return os.path.join(tempfile.gettempdir(), f"iipserver-pyramids-{os.getuid()}")
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str] | None = None) -> Settings:

@@ -26,5 +26,5 @@ else
         PY=$(command -v "$base")
     fi
 fi
-"$PY" -m pip install -q --disable-pip-version-check -e .
+"$PY" -m pip install -q --disable-pip-version-check -e '.[fits]'
 exec "$PY" -m iipserver serve "$@"

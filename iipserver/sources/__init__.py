@@ -6,8 +6,12 @@ import os
 import stat
 from collections.abc import Callable
 
-from iipserver.errors import ImageReadError, UnsupportedImage
+from iipserver.errors import ImageNotFound, ImageReadError, UnsupportedImage
 from iipserver.sources.base import ImageSource, Level, SourceInfo
+from iipserver.sources.fits import MAGIC as FITS_MAGIC
+from iipserver.sources.fits import FitsSource
+from iipserver.sources.paths import image_file
+from iipserver.sources.pyramids import PyramidCache
 from iipserver.sources.tiff import TiffSource
 from iipserver.sources.zarr import ZarrSource, is_zarr
 
@@ -20,6 +24,7 @@ SOURCES: dict[bytes, Callable[[str], ImageSource]] = {
     b"II+\x00": TiffSource,
     b"MM\x00+": TiffSource,
     b"I I": TiffSource,
+    FITS_MAGIC: FitsSource,
 }
 
 
@@ -54,6 +59,17 @@ def detect(path: str) -> Callable[[str], ImageSource]:
     raise UnsupportedImage("Unsupported image type")
 
 
-def open_source(path: str) -> ImageSource:
-    """Open ``path`` with the source its format calls for."""
-    return detect(path)(path)
+def open_source(path: str, pyramids: PyramidCache | None = None) -> ImageSource:
+    """Open ``path`` with the source its format calls for; FITS sources keep their reduced
+    levels in ``pyramids``. ``file.fits[SEL]`` selects an HDU of a FITS file.
+
+    Raises:
+        ImageNotFound: an HDU selector on a file that is not FITS.
+    """
+    file, selector = image_file(path)
+    factory = detect(file)
+    if factory is FitsSource:
+        return FitsSource(path, pyramids)
+    if selector is not None:
+        raise ImageNotFound("HDU selection applies to FITS files only")
+    return factory(path)

@@ -70,7 +70,37 @@ def resolve(requested: str, prefix: str, suffix: str = "") -> str:
     return real
 
 
+def split_selector(path: str) -> tuple[str, str | None]:
+    """Split ``file.fits[SEL]`` into the file and the HDU selector ``SEL``; a path with no
+    trailing ``[…]`` (or an empty one) has no selector."""
+    if path.endswith("]"):
+        start = path.rfind("[")
+        if start > 0 and "/" not in path[start:] and path[start + 1 : -1].strip():
+            return path[:start], path[start + 1 : -1]
+    return path, None
+
+
+def image_file(path: str) -> tuple[str, str | None]:
+    """The file to open for a resolved image path and its HDU selector: ``split_selector``,
+    unless a file of that very name exists."""
+    file, selector = split_selector(path)
+    if selector is not None and os.path.lexists(path):
+        return path, None
+    return file, selector
+
+
 def _resolve(requested: str, prefix: str, suffix: str) -> str:
+    try:
+        return _resolve_file(requested, prefix, suffix)
+    except ImageNotFound:
+        file, selector = split_selector(requested)
+        if selector is None or suffix or "\x00" in selector or len(selector) > 80:
+            raise
+    # ``file.fits[SCI]``: the file is resolved and confined, the selector kept verbatim
+    return _resolve_file(file, prefix, suffix) + f"[{selector}]"
+
+
+def _resolve_file(requested: str, prefix: str, suffix: str) -> str:
     if not requested or "\x00" in requested or len(requested) > 4096:
         raise _missing(requested)
     parts = requested.replace("\\", "/").split("/")

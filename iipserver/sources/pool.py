@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from iipserver.errors import ImageReadError, UnsupportedImage
 from iipserver.sources import open_source
 from iipserver.sources.base import ImageSource
+from iipserver.sources.paths import image_file
 
 
 @dataclass(frozen=True)
@@ -28,7 +29,7 @@ class FileStamp:
     @classmethod
     def of(cls, path: str) -> FileStamp:
         """Stat ``path``."""
-        st = os.stat(path)
+        st = os.stat(image_file(path)[0])
         return cls(st.st_mtime, st.st_mtime_ns, st.st_size, st.st_ino, st.st_mode)
 
 
