@@ -16,14 +16,15 @@ import tifffile
 logger = logging.getLogger(__name__)
 
 #: Bump when the generated files change, so that cached copies are regenerated.
-DEMO_VERSION = "1"
+DEMO_VERSION = "2"
 _MARKER = ".iipserver-demo"
 
 TILE = 256
 STARS = "stars-float32.tif"
 RGB = "rgb-jpeg.tif"
 CUBE = "cube-3band-float32.tif"
-FILES = (STARS, RGB, CUBE)
+STARS_FITS = "stars-float32.fits"
+FILES = (STARS, RGB, CUBE, STARS_FITS)
 
 
 def cache_dir(environ: dict[str, str] | None = None) -> Path:
@@ -237,6 +238,19 @@ def _write_stars(path: Path) -> None:
     )
 
 
+def _write_stars_fits(path: Path) -> None:
+    """The star field as a plain FITS file (served directly, no conversion): header blocks
+    and big-endian data, each padded to 2880 bytes; FITS row 1 is the image's bottom row."""
+    sky = star_field()
+    height, width = sky.shape
+    cards = fits_header(width, height, ra=150.1163, dec=2.2058, pixel_arcsec=0.25)
+    header = cards.encode("ascii")
+    data = np.ascontiguousarray(sky[::-1], dtype=">f4").tobytes()
+    with open(path, "wb") as f:
+        f.write(header + b" " * (-len(header) % 2880))
+        f.write(data + b"\0" * (-len(data) % 2880))
+
+
 def _write_rgb(path: Path) -> None:
     write_pyramid(path, pyramid(colour_image()), photometric="rgb", compression="jpeg")
 
@@ -259,6 +273,7 @@ def generate(directory: Path) -> Path:
     _write_stars(directory / STARS)
     _write_rgb(directory / RGB)
     _write_cube(directory / CUBE)
+    _write_stars_fits(directory / STARS_FITS)
     (directory / _MARKER).write_text(DEMO_VERSION + "\n", encoding="ascii")
     return directory
 

@@ -39,6 +39,7 @@ from iipserver.app import make_app
 from iipserver.errors import ConfigError
 from iipserver.logs import banner, log_settings
 from iipserver.settings import Settings
+from iipserver.sources import fits
 
 logger = logging.getLogger(__name__)
 
@@ -277,6 +278,7 @@ def run(settings: Settings, options: Options) -> int:
             the settings.
     """
     make_app(settings)  # fail here, once, rather than in every worker
+    fits.preload()  # astropy imported once, before the fork, not by each first FITS request
     if options.bind is None:
         try:
             listener = inherited_listener()

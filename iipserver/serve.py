@@ -29,6 +29,7 @@ from iipserver.errors import ConfigError
 from iipserver.logs import banner, log_settings
 from iipserver.settings import Settings
 from iipserver.site import create_site
+from iipserver.sources import fits
 
 logger = logging.getLogger(__name__)
 access_logger = logging.getLogger("iipserver.http")
@@ -339,6 +340,7 @@ def run(settings: Settings, options: Options) -> int:
         filesystem_prefix=os.path.join(root, ""), uri_map=settings.uri_map or DEFAULT_URI_MAP
     )
     make_app(settings)  # fail here, once, rather than in every worker
+    fits.preload()  # astropy imported once, before the fork, not by each first FITS request
     if os.environ.get("IIPSERVER_CLIENT_FETCH", "1") != "0":
         client.ensure()  # the VisiOmatic client, downloaded once from PyPI and npm
     listener = prefork.listen((options.host, options.port), options.backlog)

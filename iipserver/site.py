@@ -17,13 +17,16 @@ import tifffile
 from flask import Flask, Response, jsonify, send_from_directory
 
 from iipserver import __version__
+from iipserver.sources.fits import FitsData
 
 logger = logging.getLogger(__name__)
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 
 #: File name suffixes listed by ``/images`` (compared case-insensitively).
-IMAGE_SUFFIXES = (".tif", ".tiff", ".btf")
+IMAGE_SUFFIXES = (".tif", ".tiff", ".btf", ".fits", ".fit", ".fts", ".fits.fz", ".fz")
+#: Of those, the FITS ones (read with the FITS source; the others with tifffile).
+FITS_SUFFIXES = (".fits", ".fit", ".fts", ".fz")
 #: ``/images`` lists at most this many files (and says so with ``"truncated": true``).
 MAX_LISTED = 2000
 #: Entries kept in the (path, mtime, size) → (width, height) cache.
@@ -31,7 +34,8 @@ _DIMENSIONS_CACHE_SIZE = 4096
 
 
 class _Dimensions:
-    """Width and height of TIFF files, read once per file version (thread-safe, bounded)."""
+    """Width, height and channels of TIFF and FITS files, read once per file version
+    (thread-safe, bounded)."""
 
     def __init__(self, size: int = _DIMENSIONS_CACHE_SIZE) -> None:
         self._entries: OrderedDict[tuple[str, int, int], tuple[int, int, int] | None] = (
@@ -46,13 +50,19 @@ class _Dimensions:
             if key in self._entries:
                 self._entries.move_to_end(key)
                 return self._entries[key]
+        value: tuple[int, int, int] | None
         try:
-            with tifffile.TiffFile(path) as tif:
-                page = tif.pages[0]
-                shape = page.shaped  # (separate samples, depth, length, width, contig samples)
-                channels = int(shape[0]) * int(shape[4])
-                value: tuple[int, int, int] | None = (int(shape[3]), int(shape[2]), channels)
-        except Exception:  # not a TIFF after all, unreadable, truncated…
+            if path.lower().endswith(FITS_SUFFIXES):
+                data = FitsData(path)
+                value = (data.width, data.height, data.channels)
+                data.release()
+            else:
+                with tifffile.TiffFile(path) as tif:
+                    page = tif.pages[0]
+                    shape = page.shaped  # (separate samples, depth, length, width, samples)
+                    channels = int(shape[0]) * int(shape[4])
+                    value = (int(shape[3]), int(shape[2]), channels)
+        except Exception:  # not an image after all, unreadable, truncated…
             value = None
         with self._lock:
             self._entries[key] = value
@@ -64,7 +74,7 @@ class _Dimensions:
 def list_images(
     root: str, dimensions: _Dimensions | None = None
 ) -> tuple[list[dict[str, Any]], bool]:
-    """List the TIFF files under ``root``: relative POSIX paths (usable as FIF), sorted.
+    """List the TIFF and FITS files under ``root``: relative POSIX paths (usable as FIF), sorted.
 
     Hidden files and directories are skipped and directory symlinks are not followed. Each
     entry has ``path`` and, when the file can be read, ``width`` and ``height``.

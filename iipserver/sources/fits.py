@@ -62,6 +62,16 @@ def _astropy_fits() -> Any:
     return fits
 
 
+def preload() -> bool:
+    """Import astropy now, if installed (a few tenths of a second), so that a server's first
+    FITS request does not pay for it; workers forked afterwards share the import."""
+    try:
+        _astropy_fits()
+    except UnsupportedImage:
+        return False
+    return True
+
+
 def _header_text(header: Any) -> str:
     """80-column cards, concatenated without END or padding (STIFF's ImageDescription)."""
     text = str(header.tostring(sep="", endcard=False, padding=False))

@@ -248,7 +248,7 @@
     if (!entries.length) {
       const li = document.createElement("li");
       li.className = "empty";
-      li.textContent = "No TIFF images under the data root.";
+      li.textContent = "No TIFF or FITS images under the data root.";
       list.appendChild(li);
       return;
     }
