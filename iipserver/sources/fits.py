@@ -48,6 +48,10 @@ MAX_CUBE_CHANNELS = 4096
 #: A reduced tile is computed from its footprint when that holds at most this many pixels of
 #: the finest available level; larger footprints wait for the cached level.
 DIRECT_PIXELS = 2048 * 2048
+#: Rows read per step when a large footprint is streamed (bytes).
+BAND_BYTES = 32 << 20
+#: Largest decompressed tile of a tile-compressed HDU (as the TIFF source's segment limit).
+MAX_TILE_BYTES = 256 << 20
 #: Samples taken for the default cuts (background statistics) of a large image.
 CUT_SAMPLES = 1 << 20
 _BITPIX = {8: ">u1", 16: ">i2", 32: ">i4", 64: ">i8", -32: ">f4", -64: ">f8"}
@@ -167,6 +171,9 @@ class FitsData:
             self.header += _header_text(inherited)
         self.index = index
         if self.compressed:
+            tile = getattr(hdu, "tile_shape", None) or (self.width, self.height)
+            if math.prod(int(n) for n in tile) * 8 > MAX_TILE_BYTES:
+                raise UnsupportedImage("Tiles too large")
             self._hdul = hdul  # kept open: the section reader needs it
             self._hdu = hdu
             return
@@ -366,10 +373,27 @@ class FitsSource:
         return tile if tile is not None else self._computed(resolution, box)
 
     def _computed(self, resolution: int, box: tuple[int, int, int, int]) -> np.ndarray:
-        """A tile of a reduced level from its footprint at full resolution."""
+        """A tile of a reduced level from its footprint at full resolution: at once when the
+        footprint is small, else streamed in bands of rows (memory bounded whatever the
+        level; the cache is off or the image too large for it)."""
         x, y, w, h = box
-        f = 1 << (self._full - resolution)
-        return pyramid.reduce(self.data.region(x * f, y * f, w * f, h * f), self._full - resolution)
+        steps = self._full - resolution
+        f = 1 << steps
+        fw, fh = w * f, h * f
+        if fw * fh <= DIRECT_PIXELS:
+            return pyramid.reduce(self.data.region(x * f, y * f, fw, fh), steps)
+        out = np.empty((h, w, self.info.channels), dtype=np.float32)
+
+        def sink(level: int, top: int, rows: np.ndarray) -> None:
+            if level == steps:
+                out[top : top + rows.shape[0]] = rows
+
+        stream = pyramid.PyramidStream([(fw >> k, fh >> k) for k in range(steps + 1)], sink, h)
+        band = max(f, (BAND_BYTES // (fw * self.info.channels * 4)) // f * f)
+        for top in range(0, fh, band):
+            stream.push(self.data.region(x * f, y * f + top, fw, min(band, fh - top)))
+        stream.finish()
+        return out
 
     def _start_background_build(self) -> None:
         with self._build_lock:

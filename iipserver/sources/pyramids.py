@@ -183,6 +183,7 @@ class CacheEntry:
         self._bytes = size
         self._known: set[int] = set()
         self._shards: dict[int, _Shard] = {}
+        self._lock = threading.Lock()
         self._touched = 0.0
 
     # ---- levels -------------------------------------------------------------------------
@@ -210,12 +211,7 @@ class CacheEntry:
         try:
             shard = self._shards.get(resolution)
             if shard is None:
-                shard = _Shard(
-                    os.path.join(self._level_dir(resolution), *SHARD_KEY),
-                    TILE * TILE * self._channels * 4,
-                    self._tiles(resolution),
-                )
-                self._shards[resolution] = shard
+                shard = self._open_shard(resolution)
             data = shard.read(index)
         except (OSError, ValueError):
             self._forget(resolution)
@@ -223,13 +219,26 @@ class CacheEntry:
         self.touch()
         return np.frombuffer(data, dtype="<f4").reshape(TILE, TILE, self._channels)[:h, :w]
 
+    def _open_shard(self, resolution: int) -> _Shard:
+        with self._lock:
+            shard = self._shards.get(resolution)
+            if shard is None:
+                shard = _Shard(
+                    os.path.join(self._level_dir(resolution), *SHARD_KEY),
+                    TILE * TILE * self._channels * 4,
+                    self._tiles(resolution),
+                )
+                self._shards[resolution] = shard
+        return shard
+
     def _tiles(self, resolution: int) -> int:
         w, h = self._sizes[len(self._sizes) - 1 - resolution]
         return -(-w // TILE) * -(-h // TILE)
 
     def _forget(self, resolution: int) -> None:
         self._known.discard(resolution)
-        shard = self._shards.pop(resolution, None)
+        with self._lock:
+            shard = self._shards.pop(resolution, None)
         if shard is not None:
             shard.close()
 
