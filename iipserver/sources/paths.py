@@ -94,10 +94,13 @@ def _resolve(requested: str, prefix: str, suffix: str) -> str:
         return _resolve_file(requested, prefix, suffix)
     except ImageNotFound:
         file, selector = split_selector(requested)
-        if selector is None or suffix or "\x00" in selector or len(selector) > 80:
+        if selector is None or "\x00" in selector or len(selector) > 80:
             raise
     # ``file.fits[SCI]``: the file is resolved and confined, the selector kept verbatim
-    return _resolve_file(file, prefix, suffix) + f"[{selector}]"
+    try:
+        return _resolve_file(file, prefix, suffix) + f"[{selector}]"
+    except ImageNotFound:
+        raise _missing(requested) from None
 
 
 def _resolve_file(requested: str, prefix: str, suffix: str) -> str:
