@@ -4,8 +4,9 @@ The client (the ``visiomatic`` 3.0.7 wheel from PyPI and Leaflet 1.9.4's CSS fro
 once per session into a temporary ``IIPSERVER_CLIENT_DIR`` by :func:`iipserver.client.fetch`;
 ``python -m iipserver serve`` then serves it at ``/client/`` and our page at ``/visiomatic``
 (visiomatic.md §4 and §(b)). Two STIFF-like float32 images (a star field and a 3-band cube, each
-with a FITS header in ImageDescription) are opened in mono, mono channel 2 and colour modes and
-driven as in visiomatic.md §(b) 8: zoom, contrast, gamma, colour map, pixel values, a profile
+with a FITS header in ImageDescription) are opened in mono, mono channel 2 and colour modes, and
+a 3-plane FITS cube (astropy, TAN WCS) served directly, without conversion, in colour mode; each
+is driven as in visiomatic.md §(b) 8: zoom, contrast, gamma, colour map, pixel values, a profile
 line and a snapshot. What is checked is what the browser sent and received (every request to the
 server, alerts, page errors, console errors) and what it drew (screenshots).
 
@@ -16,6 +17,7 @@ missing. Playwright's own browsers are never used (no ``playwright install``).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import signal
@@ -33,6 +35,7 @@ import numpy as np
 import pytest
 from images import pyramid_levels, star_field, write_pyramid
 from processes import children as _children
+from processes import wait_for
 
 from iipserver import client
 
@@ -53,8 +56,8 @@ START_TIMEOUT = 30.0
 STOP_TIMEOUT = 8.0
 WAIT_MS = 10_000
 
-SINGLE, CUBE = "vm3_single.tif", "vm3_cube3.tif"
-SIZES = {SINGLE: (1000, 800), CUBE: (800, 600)}
+SINGLE, CUBE, FITS_CUBE = "vm3_single.tif", "vm3_cube3.tif", "vm3_cube3.fits"
+SIZES = {SINGLE: (1000, 800), CUBE: (800, 600), FITS_CUBE: (720, 540)}
 CRVAL = (150.1191666667, 2.2058333333)
 CD = (("CD1_1", -5.55e-05), ("CD1_2", 2.1e-06), ("CD2_1", 2.1e-06), ("CD2_2", 5.55e-05))
 
@@ -147,6 +150,31 @@ def image_set(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str,
     return root, data
 
 
+@pytest.fixture(scope="module")
+def fits_cube(image_set: tuple[Path, dict[str, np.ndarray]]) -> np.ndarray:
+    """A 3-plane float32 FITS cube with a TAN WCS, written into the data folder with astropy
+    (planes ``(c, h, w)``, the top image row last, as FITS stores it); returns it as
+    ``(h, w, c)``, top row first."""
+    astropy_fits = pytest.importorskip("astropy.io.fits")
+    width, height = SIZES[FITS_CUBE]
+    cube = star_field(width, height, seed=71, channels=3)
+    hdu = astropy_fits.PrimaryHDU(np.ascontiguousarray(np.moveaxis(cube, 2, 0)[:, ::-1]))
+    hdu.header.update(
+        {
+            "OBJECT": "VM3FIELD",
+            "CTYPE1": "RA---TAN",
+            "CTYPE2": "DEC--TAN",
+            "CRPIX1": width / 2 + 0.5,
+            "CRPIX2": height / 2 + 0.5,
+            "CRVAL1": CRVAL[0],
+            "CRVAL2": CRVAL[1],
+            **dict(CD),
+        }
+    )
+    hdu.writeto(image_set[0] / FITS_CUBE)
+    return cube
+
+
 # -- the client, the server, the browser ------------------------------------------------------
 
 
@@ -170,6 +198,7 @@ class Server:
     proc: subprocess.Popen[bytes]
     base: str
     stderr_path: Path
+    pyramids: Path  # PYRAMID_CACHE_DIR
 
     def stderr(self) -> str:
         return self.stderr_path.read_text(errors="replace")
@@ -191,6 +220,7 @@ def server(
     env.update(
         IIPSERVER_CLIENT_DIR=str(client_dir),
         XDG_CACHE_HOME=str(work / "xdg-cache"),
+        PYRAMID_CACHE_DIR=str(work / "pyramids"),
         VERBOSITY="2",
         OMP_NUM_THREADS="1",
     )
@@ -211,7 +241,7 @@ def server(
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise AssertionError(f"no banner (exit {proc.poll()}):\n{stderr_path.read_text()}")
             time.sleep(0.02)
-        yield Server(proc, f"http://{match['address']}", stderr_path)
+        yield Server(proc, f"http://{match['address']}", stderr_path, work / "pyramids")
     finally:
         workers = _children(proc.pid) if proc.poll() is None else set()
         proc.send_signal(signal.SIGTERM)
@@ -404,18 +434,26 @@ class Case:
         return self.mode == "color"
 
 
-CASES = [Case(SINGLE, "mono", 0), Case(CUBE, "mono", 1), Case(CUBE, "color", 0)]
+CASES = [
+    Case(SINGLE, "mono", 0),
+    Case(CUBE, "mono", 1),
+    Case(CUBE, "color", 0),
+    Case(FITS_CUBE, "color", 0),
+]
+CASE_IDS = ["single-mono", "cube-mono-chan2", "cube-colour", "fits-cube-colour"]
 
 
-@pytest.mark.parametrize("case", CASES, ids=["single-mono", "cube-mono-chan2", "cube-colour"])
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_visiomatic3_client(
     case: Case,
     browser: Browser,
     server: Server,
     image_set: tuple[Path, dict[str, np.ndarray]],
+    request: pytest.FixtureRequest,
     tmp_path: Path,
 ) -> None:
-    data = image_set[1][case.image]
+    fits = case.image == FITS_CUBE
+    data = request.getfixturevalue("fits_cube") if fits else image_set[1][case.image]
     context = browser.new_context(viewport=VIEWPORT, accept_downloads=True)
     page = context.new_page()
     page.set_default_timeout(WAIT_MS)
@@ -441,8 +479,33 @@ def test_visiomatic3_client(
     finally:
         context.close()
     assert recorder.problems == []
+    if fits:
+        check_fits_pyramid(server, data)
     stderr = server.stderr()
     assert "Traceback" not in stderr and " ERROR" not in stderr, stderr
+
+
+def check_fits_pyramid(server: Server, data: np.ndarray) -> None:
+    """The FITS cube's reduced tiles were computed from their footprints while one background
+    build filled PYRAMID_CACHE_DIR: one complete entry for the cube, its levels built once."""
+    height, width = data.shape[:2]
+    levels = 1
+    while width > 256 or height > 256:
+        width, height, levels = width // 2, height // 2, levels + 1
+    wait_for(
+        lambda: (
+            server.pyramids.is_dir()
+            and any((e / "meta.json").exists() for e in server.pyramids.iterdir())
+        ),
+        WAIT_MS / 1000,
+        "the FITS pyramid build",
+    )
+    (entry,) = [e for e in server.pyramids.iterdir() if e.is_dir()]
+    meta = json.loads((entry / "meta.json").read_text())
+    assert meta["image"].endswith(FITS_CUBE) and meta["channels"] == 3, meta
+    built = sorted(int(line.split()[0]) for line in (entry / "builds.log").read_text().splitlines())
+    assert built == list(range(levels - 1)), built
+    assert not [p.name for p in entry.iterdir() if p.name.startswith("tmp-")]
 
 
 def check_opened(page: Page, recorder: Recorder, case: Case, data: np.ndarray) -> dict[str, Any]:

@@ -304,6 +304,7 @@ class CacheEntry:
         with _flock(self.lock_path, blocking=wait) as locked:
             if not locked or self.complete():
                 return False
+            os.makedirs(self.path, exist_ok=True)  # evicted while this call waited
             self._build_locked(reader, sizes, progress)
         self.cache.evict(self.key)
         return True
@@ -315,7 +316,7 @@ class CacheEntry:
         progress: Callable[[int], None] | None,
     ) -> None:
         for name in os.listdir(self.path):  # leftovers of a build that died
-            if name.startswith("tmp-") or name.startswith("L"):
+            if name.startswith(("tmp-", "L")) or name.endswith(".tmp"):
                 shutil.rmtree(os.path.join(self.path, name), ignore_errors=True)
         self._known.clear()
         top = len(sizes) - 1  # IIP number of the full resolution
