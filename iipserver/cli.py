@@ -201,13 +201,23 @@ def _stop_during_start_up(signum: int, frame: FrameType | None) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     if args.command == "convert":
+        import warnings
+
         from iipserver import convert
         from iipserver.errors import IIPServerError
 
         try:
-            return convert.run(args.input, args.output, args.compression, args.quiet)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # astropy's notes on odd files: ours suffice
+                return convert.run(args.input, args.output, args.compression, args.quiet)
         except IIPServerError as exc:
             print(f"iipserver: cannot convert {args.input}: {exc}", file=sys.stderr)
+            return EXIT_FAILURE
+        except OSError as exc:
+            print(
+                f"iipserver: cannot convert {args.input}: {args.output}: {exc.strerror or exc}",
+                file=sys.stderr,
+            )
             return EXIT_FAILURE
     settings = Settings.from_environ(os.environ)
     configure_logging(settings)

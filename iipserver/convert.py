@@ -177,15 +177,14 @@ def _write(
         band = max(TILE, (BAND_BYTES // max(1, width * channels * 4)) // TILE * TILE)
 
         def full_tiles() -> Iterator[np.ndarray]:
+            # tifffile stops taking tiles at the page's last one: nothing may follow that yield
             for y in range(0, height, band):
                 rows = data.region(0, y, width, min(band, height - y))
                 stream.push(rows)
+                advance(rows.shape[0] * width)
                 for top in range(0, rows.shape[0], TILE):
                     yield from _tiles(rows[top : top + TILE], channels)
-                advance(rows.shape[0] * width)
-            stream.finish()
-            for f in files.values():
-                f.close()
+                del rows  # the next band is read while no other one is held
 
         options: dict[str, Any] = dict(
             tile=(TILE, TILE),
@@ -207,6 +206,9 @@ def _write(
                 description=data.header or None,
                 **options,
             )
+            stream.finish()
+            for f in files.values():
+                f.close()
             for k in range(1, len(sizes)):
                 w, h = sizes[k]
                 tif.write(
@@ -229,8 +231,8 @@ def _level_tiles(
         for y in range(0, height, TILE):
             n = min(TILE, height - y)
             rows = np.frombuffer(f.read(n * row), dtype="<f4").reshape(n, width, channels)
-            yield from _tiles(rows, channels)
             advance(2 * n * width)
+            yield from _tiles(rows, channels)
 
 
 def run(
