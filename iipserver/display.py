@@ -30,6 +30,16 @@ def background(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         (level, mad), each a float32 array with one value per channel.
     """
     x = rows.astype(_F32)
+    level = np.full(x.shape[0], np.nan, dtype=_F32)
+    mad = np.full(x.shape[0], np.nan, dtype=_F32)
+    usable = np.isfinite(x).any(axis=1)  # an all-NaN channel has no background: NaN, no warning
+    if usable.any():
+        level[usable], mad[usable] = _background(x[usable] if not usable.all() else x)
+    return level, mad
+
+
+def _background(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``background`` of channels that each hold a finite sample; ``x`` is modified."""
     with np.errstate(all="ignore"):
         # means accumulate in double and are stored as float: float32 pairwise sums differ
         # between numpy releases, the correctly rounded mean does not

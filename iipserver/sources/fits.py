@@ -248,10 +248,12 @@ class FitsData:
         try:
             if self.compressed:
                 with self._lock:
-                    if self.channels > 1 or int(self._hdu.header["NAXIS"]) >= 3:
-                        raw = np.asarray(self._hdu.section[0 : self.channels, fy0:fy1, x0:x1])
-                    else:
-                        raw = np.asarray(self._hdu.section[fy0:fy1, x0:x1])[None]
+                    hdu = self._compressed_hdu()
+                    naxis = int(hdu.header["NAXIS"])
+                    window: tuple[int | slice, ...] = (slice(fy0, fy1), slice(x0, x1))
+                    if naxis >= 3:  # NAXIS4… (length 1) first, then channels, rows, columns
+                        window = (0,) * (naxis - 3) + (slice(0, self.channels), *window)
+                    raw = np.asarray(hdu.section[window])
                 planes = raw.reshape(self.channels, fy1 - fy0, x1 - x0)
                 return np.moveaxis(planes[:, ::-1, :], 0, 2).astype(np.float32, order="C")
             if x0 == 0 and x1 == self.width:  # whole rows: one read per plane, no mapping
@@ -273,17 +275,26 @@ class FitsData:
         data = np.stack(rows)  # (n, width, channels)
         return np.moveaxis(data, 2, 0).reshape(self.channels, -1)
 
+    def _compressed_hdu(self) -> Any:
+        """The tile-compressed HDU, the file reopened if ``close`` closed it (lock held)."""
+        if self._hdul is None:
+            self._hdul = _astropy_fits().open(
+                self.path, memmap=False, lazy_load_hdus=True, mode="readonly"
+            )
+            self._hdu = self._hdul[self.index]
+        return self._hdu
+
     def close(self) -> None:
-        """Drop the memory map (reopened on the next read); compressed HDUs stay open."""
+        """Close the file (memory map or compressed HDU); it is reopened on the next read."""
         with self._lock:
             self._map = None
+            if self._hdul is not None:
+                self._hdul.close()
+                self._hdul = None
 
     def release(self) -> None:
-        """Close everything for good."""
+        """Close everything (the same as ``close``: nothing stays open)."""
         self.close()
-        if self._hdul is not None:
-            self._hdul.close()
-            self._hdul = None
 
 
 def default_cuts(data: FitsData) -> tuple[tuple[float, ...], tuple[float, ...]]:
