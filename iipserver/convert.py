@@ -29,6 +29,7 @@ import tifffile
 from iipserver.sources import pyramid
 from iipserver.sources.fits import TILE, FitsData, default_cuts
 from iipserver.sources.paths import image_file
+from iipserver.sources.pyramids import prefetched
 
 #: Bytes of input rows read per step (a multiple of the tile height is used).
 BAND_BYTES = 32 << 20
@@ -178,13 +179,12 @@ def _write(
 
         def full_tiles() -> Iterator[np.ndarray]:
             # tifffile stops taking tiles at the page's last one: nothing may follow that yield
-            for y in range(0, height, band):
-                rows = data.region(0, y, width, min(band, height - y))
+            for rows in prefetched(data, width, height, band):
                 stream.push(rows)
                 advance(rows.shape[0] * width)
                 for top in range(0, rows.shape[0], TILE):
                     yield from _tiles(rows[top : top + TILE], channels)
-                del rows  # the next band is read while no other one is held
+                del rows  # held: this band and the next, being read
 
         options: dict[str, Any] = dict(
             tile=(TILE, TILE),
@@ -194,6 +194,7 @@ def _write(
             compression=COMPRESSIONS[compression],
             metadata=None,
             software=False,
+            maxworkers=os.cpu_count() or 1,  # tiles compressed in parallel
         )
         if compression != "none":
             options["predictor"] = True  # floating-point predictor (3) for float32

