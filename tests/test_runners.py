@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import simplejpeg
 import tifffile
 from processes import children as _children
 from processes import wait_for as _wait_for
@@ -271,8 +272,23 @@ def test_serve_images(http_server: Server) -> None:
     assert listing["images"] == [
         {"path": demo.CUBE, "width": 1024, "height": 1024, "channels": 3},
         {"path": demo.RGB, "width": 2048, "height": 1536, "channels": 3},
+        {"path": demo.STARS_FITS, "width": 2048, "height": 2048, "channels": 1},
         {"path": demo.STARS, "width": 2048, "height": 2048, "channels": 1},
     ]
+
+
+def test_serve_demo_fits(http_server: Server) -> None:
+    """The demo's FITS file is served directly, with the TIFF's geometry and header."""
+    query = "obj=Max-size&obj=Resolution-number&obj=Bits-per-channel"
+    status, _, fits_body = http_server.get(f"/iip?FIF={demo.STARS_FITS}&{query}")
+    assert status == 200
+    assert fits_body == b"\r\nMax-size:2048 2048\r\nResolution-number:4\r\nBits-per-channel:32\r\n"
+    status, headers, tile = http_server.get(f"/iip?FIF={demo.STARS_FITS}&JTL=0,0")
+    assert status == 200 and headers["content-type"] == "image/jpeg"
+    pixels = simplejpeg.decode_jpeg(tile, colorspace="GRAY")
+    assert pixels.shape[:2] == (256, 256) and 0 < pixels.mean() < 255
+    status, _, subject = http_server.get(f"/iip?FIF={demo.STARS_FITS}&obj=subject")
+    assert b"CTYPE1  = 'RA---TAN'" in subject
 
 
 def test_serve_viewer_page(http_server: Server) -> None:
