@@ -302,7 +302,8 @@ class Pipeline:
         """Background level, MAD and default cuts (VisiOmatic 3's), from every 16th row of the
         full-resolution level counted from the bottom (FITS row 1); cached per file version.
         When those rows would not fit ``region_budget`` (very large images), the largest
-        reduced level whose rows do is sampled instead.
+        reduced level whose rows do is sampled instead. A source with a
+        ``background_samples()`` method (FITS: single rows are cheap) gives its own samples.
 
         Raises:
             BadRequest: not even the smallest level fits.
@@ -312,6 +313,13 @@ class Pipeline:
         if found is not None:
             return found
         info = image.source.info
+        sampler = getattr(image.source, "background_samples", None)
+        if sampler is not None:  # a source that reads single rows cheaply (FITS) samples itself
+            planes = sampler()
+            bg_level, mad = vdisplay.background(planes)
+            made = Background(bg_level, mad, vdisplay.default_cuts(bg_level, mad))
+            self._backgrounds.put(key, made)
+            return made
         full = len(info.levels) - 1
         itemsize = max(np.dtype(info.dtype).itemsize, 4)  # samples become float32 or wider
         while True:  # the largest level whose sampled rows fit the region budget

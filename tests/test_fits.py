@@ -1059,3 +1059,31 @@ def test_image_list_includes_fits_files(tmp_path):
         ],
         "truncated": False,
     }
+
+
+# ---- VisiOmatic 3 background statistics of a large FITS -----------------------------------
+
+
+def test_large_fits_info_samples_only_the_cut_rows(tmp_path: Path) -> None:
+    """Over 2^24 pixels the FITS source samples every k-th row (k > 16) for INFO, the same
+    rows as its default cuts: INFO's min_max equals OBJ's Min-Max-sample-values, and the
+    statistics equal VisiOmatic 3's formula applied to exactly those rows."""
+    from iipserver import display
+
+    width, height = 4200, 4000  # 16.8 M pixels: k = 17
+    image = np.full((height, width), 100.0, dtype=np.float32)
+    rng = np.random.default_rng(5)
+    image += rng.normal(0.0, 5.0, size=(height, width)).astype(np.float32)
+    image[: height // 2] += 50.0  # top half brighter: which rows are sampled shows in the level
+    write_fits(tmp_path / "big.fits", image)
+    app = make_app(tmp_path, tmp_path / "cache")
+    info = json.loads(call(app, "FIF=big.fits&INFO", path="/api").body)
+    obj = call(app, "FIF=big.fits&OBJ=Min-Max-sample-values").body.decode()
+    advertised = [float(v) for v in obj.split(":", 1)[1].split()]
+    assert info["images"][0]["min_max"][0] == pytest.approx(advertised, rel=1e-6)
+    step = -(-width * height // fits_source.CUT_SAMPLES)
+    assert step == 17
+    rows = image[::-1][::step]  # FITS row 1 (the bottom) first
+    level, mad = display.background(rows.reshape(1, -1))
+    assert info["images"][0]["background_level"][0] == pytest.approx(float(level[0]), rel=1e-5)
+    assert info["images"][0]["background_mad"][0] == pytest.approx(float(mad[0]), rel=1e-5)

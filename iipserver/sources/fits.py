@@ -377,6 +377,13 @@ class FitsSource:
             metadata={"description": self.data.header} if self.data.header else {},
         )
 
+    def background_samples(self) -> np.ndarray:
+        """Samples for VisiOmatic 3's background statistics, ``(channels, n)``: every 16th row
+        from the bottom, as its server takes them, or every k-th (k > 16) when that would be
+        more than about ``CUT_SAMPLES`` values; only those rows are read. The same samples as
+        the default cuts, so INFO's cuts and ``Min-Max-sample-values`` agree."""
+        return self.data.sample()
+
     def _check(self, resolution: int, index: int) -> Level:
         if not 0 <= resolution <= self._full:
             raise ResolutionNotFound(f"Asked for non-existent resolution: {resolution}")
