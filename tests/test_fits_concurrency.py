@@ -424,6 +424,8 @@ def test_rewritten_file_gets_a_new_entry(how: str, image: np.ndarray, tmp_path: 
         wait_for(lambda: not old.exists(), 10, "the old entry to be removed")
         new, _ = assert_complete_entry(cache, newer)
         assert new != old
+        # the old version's lock file goes with it: none accumulate, one per live entry
+        assert sorted(p.name for p in cache.iterdir()) == [new.name, new.name + ".lock"]
         assert_clean_log(work / "iipserver.log")
 
 
@@ -434,7 +436,10 @@ def _waiting_for_flock(lock: Path) -> bool:
         return any("->" in line and "FLOCK" in line and inode in line for line in f)
 
 
-def test_build_waiting_for_an_evicted_entry(image: np.ndarray, tmp_path: Path) -> None:
+@pytest.mark.parametrize("unlink_lock", [False, True], ids=["lock-kept", "lock-unlinked"])
+def test_build_waiting_for_an_evicted_entry(
+    image: np.ndarray, tmp_path: Path, unlink_lock: bool
+) -> None:
     """Eviction removes an entry while holding its lock (``PyramidCache._remove``). A request
     whose tile waits for the build, blocked on that lock meanwhile, must still be answered
     (the entry rebuilt, or the tile computed), not fail because the directory went away."""
@@ -454,6 +459,8 @@ def test_build_waiting_for_an_evicted_entry(image: np.ndarray, tmp_path: Path) -
                 tile = pool.submit(source.read_tile, 0, 0)  # a footprint larger than DIRECT_PIXELS
                 wait_for(lambda: _waiting_for_flock(lock), 10, "the build to wait for the lock")
                 shutil.rmtree(entry)  # what eviction does under the lock
+                if unlink_lock:
+                    os.unlink(lock)
             finally:
                 os.close(fd)
             got = tile.result(60)
@@ -461,3 +468,5 @@ def test_build_waiting_for_an_evicted_entry(image: np.ndarray, tmp_path: Path) -
         source.close()
         source.data.release()
     np.testing.assert_array_equal(got, pyramid.reduce(image, 4))
+    assert lock.exists() and (entry / "meta.json").exists()
+    assert (entry / "builds.log").read_text().count("\n") == 4  # levels 0-3, built once

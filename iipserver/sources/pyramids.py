@@ -103,13 +103,25 @@ def _hash(text: str) -> str:
 
 @contextlib.contextmanager
 def _flock(path: str, blocking: bool) -> Iterator[bool]:
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    try:
+    """Hold an exclusive ``flock`` on lock file ``path`` (created if missing). The evictor
+    unlinks the lock files of the entries it removes, while holding them: a lock taken on a
+    file that is no longer ``path`` is dropped and taken again on the new one."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
         except BlockingIOError:
+            os.close(fd)
             yield False
             return
+        try:
+            current = os.stat(path).st_ino
+        except FileNotFoundError:
+            current = -1
+        if current == os.fstat(fd).st_ino:
+            break
+        os.close(fd)  # unlinked (or replaced) while this process waited: try again
+    try:
         yield True
     finally:
         os.close(fd)  # releases the lock
@@ -190,6 +202,8 @@ class PyramidCache:
             if not locked:
                 return False
             shutil.rmtree(os.path.join(self.directory, key), ignore_errors=True)
+            with contextlib.suppress(OSError):
+                os.unlink(lock)  # under the lock: waiters notice and lock the new file
         return True
 
 
