@@ -416,7 +416,8 @@ class FitsSource:
             if entry is not None:
                 self._start_background_build()
             return self._computed(resolution, box)
-        # a large footprint: the level is built (or its build awaited) before answering
+        # a large footprint: the levels are built (or their build awaited) before answering,
+        # all in the one pass over the file that the smallest of them needs anyway
         entry.build(self.data, self._sizes)
         tile = entry.read_tile(resolution, index, box)
         return tile if tile is not None else self._computed(resolution, box)
