@@ -9,6 +9,10 @@ from typing import Protocol
 
 import numpy as np
 
+#: Largest tile, strip or chunk a source may decode, and largest stored one it may read, in
+#: bytes: hostile files declare 65536² tiles, 2^40-byte tiles or 60000² JPEG frames.
+MAX_DECODE_BYTES = 256 << 20
+
 #: Metadata keys a source may fill (values are text); see ``protocol.responses`` for OBJ names.
 METADATA_KEYS = (
     "artist",

@@ -32,7 +32,7 @@ from iipserver.errors import (
     UnsupportedImage,
 )
 from iipserver.sources import pyramid
-from iipserver.sources.base import Level, SourceInfo, composite
+from iipserver.sources.base import MAX_DECODE_BYTES, Level, SourceInfo, composite
 from iipserver.sources.paths import image_file
 from iipserver.sources.pyramids import CacheEntry, PyramidCache
 
@@ -50,8 +50,8 @@ MAX_CUBE_CHANNELS = 4096
 DIRECT_PIXELS = 2048 * 2048
 #: Rows read per step when a large footprint is streamed (bytes).
 BAND_BYTES = 32 << 20
-#: Largest decompressed tile of a tile-compressed HDU (as the TIFF source's segment limit).
-MAX_TILE_BYTES = 256 << 20
+#: Largest decompressed tile of a tile-compressed HDU.
+MAX_TILE_BYTES = MAX_DECODE_BYTES
 #: Samples taken for the default cuts (background statistics) of a large image.
 CUT_SAMPLES = 1 << 20
 _BITPIX = {8: ">u1", 16: ">i2", 32: ">i4", 64: ">i8", -32: ">f4", -64: ">f8"}

@@ -21,7 +21,7 @@ from iipserver.errors import (
     TileNotFound,
     UnsupportedImage,
 )
-from iipserver.sources.base import Level, SourceInfo, composite
+from iipserver.sources.base import MAX_DECODE_BYTES, Level, SourceInfo, composite
 
 log = logging.getLogger(__name__)
 
@@ -48,9 +48,8 @@ _SOI, _EOI, _SOS, _APP14 = b"\xff\xd8", b"\xff\xd9", 0xDA, 0xEE
 #: Start-of-frame markers (baseline, extended, progressive, lossless; not DHT, JPG, DAC).
 _SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 
-#: Largest decoded tile or strip, and largest stored one, a read may allocate (hostile files
-#: declare 65536² tiles, 2^40-byte tiles or JPEG frames of 60000²).
-MAX_SEGMENT_BYTES = 256 << 20
+#: Largest decoded tile or strip, and largest stored one, a read may allocate.
+MAX_SEGMENT_BYTES = MAX_DECODE_BYTES
 #: JPEG-in-TIFF; every other codec tifffile decodes into a buffer of the segment's size,
 #: except the image codecs (JPEG 2000, PNG, WebP, JPEG XL…) whose output size only their own
 #: header states: those are refused.

@@ -14,12 +14,12 @@ from iipserver.errors import (
     TileNotFound,
     UnsupportedImage,
 )
-from iipserver.sources.base import Level, SourceInfo
+from iipserver.sources.base import MAX_DECODE_BYTES, Level, SourceInfo
 
 _MARKERS = ("zarr.json", ".zgroup", ".zarray")
 _DEFAULT_MAX = {1: 255.0, 2: 65535.0, 4: 4294967295.0}
-#: Largest chunk a read may decode, as ``tiff.MAX_SEGMENT_BYTES`` for TIFF tiles.
-MAX_CHUNK_BYTES = 256 << 20
+#: Largest chunk a read may decode.
+MAX_CHUNK_BYTES = MAX_DECODE_BYTES
 #: Longest axis served (IIP sizes are 32-bit; a sparse store can declare 2^40 for free).
 MAX_SIDE = 2**31 - 1
 
