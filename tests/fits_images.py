@@ -136,3 +136,13 @@ def raw_fits(path: Path | str, cards: Iterable[tuple[str, Any]], data: bytes = b
     padding = b"\0" * (-len(data) % 2880)
     Path(path).write_bytes(text.encode("ascii") + data + padding)
     return Path(path)
+
+
+def pyramid_sizes(width: int, height: int, tile: int = 256) -> list[tuple[int, int]]:
+    """Expected pyramid sizes, full resolution first: floor halvings until a level fits one
+    tile (written here, not taken from the package, so tests check its ``level_sizes``)."""
+    sizes = [(width, height)]
+    while width > tile or height > tile:
+        width, height = width // 2, height // 2
+        sizes.append((width, height))
+    return sizes

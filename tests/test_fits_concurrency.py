@@ -38,6 +38,7 @@ import fcgi_client
 import numpy as np
 import pytest
 import zarr
+from fits_images import pyramid_sizes
 from processes import children, wait_for
 from reference import ServerProcess
 from wsgi_client import call
@@ -95,18 +96,9 @@ def write_fits(path: Path, img: np.ndarray, mtime: int) -> None:
     os.utime(path, (mtime, mtime))
 
 
-def level_sizes(width: int, height: int) -> list[tuple[int, int]]:
-    """Floor halvings until one tile holds the level, full resolution first."""
-    sizes = [(width, height)]
-    while width > TILE or height > TILE:
-        width, height = width // 2, height // 2
-        sizes.append((width, height))
-    return sizes
-
-
 def tile_queries(name: str, width: int, height: int) -> list[str]:
     """``JTL`` requests for every tile of every level (IIP numbering: 0 = smallest)."""
-    sizes = level_sizes(width, height)
+    sizes = pyramid_sizes(width, height)
     queries = []
     for r, (w, h) in enumerate(reversed(sizes)):
         count = -(-w // TILE) * -(-h // TILE)
@@ -122,7 +114,7 @@ def image() -> np.ndarray:
 def test_smallest_level_needs_a_build() -> None:
     """The premise of this file: the smallest level's tile is too large a footprint to compute
     while a request waits, the next level's tiles are not."""
-    sizes = level_sizes(WIDTH, HEIGHT)
+    sizes = pyramid_sizes(WIDTH, HEIGHT)
     assert len(sizes) == 5
     assert WIDTH * HEIGHT > DIRECT_PIXELS >= (TILE << 3) ** 2
 
@@ -265,13 +257,13 @@ def assert_complete_entry(cache: Path, img: np.ndarray) -> tuple[Path, list[tupl
     # an evicted entry's lock file may stay (removing a lock file others may open is racy)
     assert all(n == entry.name or n.endswith(".lock") for n in names), names
     assert lock_is_free(cache / (entry.name + ".lock"))
-    top = len(level_sizes(img.shape[1], img.shape[0])) - 1
+    top = len(pyramid_sizes(img.shape[1], img.shape[0])) - 1
     inside = sorted(p.name for p in entry.iterdir())
     assert [n for n in inside if n.startswith("tmp") or n.endswith(".tmp")] == [], inside
     assert sorted(n for n in inside if n.startswith("L")) == [f"L{r}" for r in range(top)], inside
     assert {"builds.log", "meta.json", "cuts.json"} <= set(inside), inside
     meta = json.loads((entry / "meta.json").read_text())
-    assert meta["levels"] == [list(s) for s in level_sizes(img.shape[1], img.shape[0])], meta
+    assert meta["levels"] == [list(s) for s in pyramid_sizes(img.shape[1], img.shape[0])], meta
     for r in range(top):
         level = zarr.open_array(str(entry / f"L{r}"), mode="r")[:]
         expected = pyramid.reduce(img, top - r)

@@ -40,6 +40,7 @@ import pytest
 import tifffile
 from astropy.io import fits
 from conftest import ImageSet, _reference_process
+from fits_images import pyramid_sizes
 from images import star_field
 from reference import ServerProcess, decode
 from wsgi_client import call
@@ -223,15 +224,6 @@ CASES = ("float", "int16", "cube", "sci", "err", "fz")
 # Helpers
 
 
-def _sizes(width: int, height: int) -> list[tuple[int, int]]:
-    """Pyramid sizes, full first: floor halvings until a level fits one 256² tile."""
-    sizes = [(width, height)]
-    while width > TILE or height > TILE:
-        width, height = width // 2, height // 2
-        sizes.append((width, height))
-    return sizes
-
-
 def _description(page: tifffile.TiffPage) -> str:
     """ImageDescription as stored (tifffile's ``description`` strips trailing blanks)."""
     tag = page.tags["ImageDescription"]
@@ -276,7 +268,7 @@ def test_output_structure_and_pixels(fitsset: FitsSet, name: str, compression: s
     case = fitsset.cases[name]
     out = fitsset.tif(name, compression)
     height, width, channels = case.image.shape
-    expected_sizes = _sizes(width, height)
+    expected_sizes = pyramid_sizes(width, height)
     data = FitsData(str(fitsset.root / case.source.partition("[")[0]), case.selector)
     try:
         mins, maxs = default_cuts(data)
@@ -334,7 +326,7 @@ def test_report_describes_the_output(fitsset: FitsSet, tmp_path: Path) -> None:
     report = convert(str(fitsset.root / case.source), str(out), "deflate")
     height, width, channels = case.image.shape
     assert (report.width, report.height, report.channels) == (width, height, channels)
-    assert report.levels == len(_sizes(width, height))
+    assert report.levels == len(pyramid_sizes(width, height))
     assert report.output_bytes == out.stat().st_size
     assert report.seconds > 0
     assert report.mpixels_per_second == pytest.approx(
@@ -422,7 +414,7 @@ def _check_summary(line: str, out: Path, case: Case) -> None:
     height, width, channels = case.image.shape
     assert m["out"] == str(out)
     assert (int(m["w"]), int(m["h"]), int(m["c"])) == (width, height, channels)
-    assert int(m["levels"]) == len(_sizes(width, height))
+    assert int(m["levels"]) == len(pyramid_sizes(width, height))
     assert float(m["mb"]) == pytest.approx(out.stat().st_size / 1e6, abs=0.051)
     assert float(m["rate"]) >= 0
 
@@ -667,7 +659,7 @@ def app(fitsset: FitsSet, tmp_path_factory: pytest.TempPathFactory) -> IIPApp:
 def _tiles(case: Case) -> Iterator[tuple[int, int]]:
     """(resolution, tile index) of every tile, IIP numbering (0 = smallest level)."""
     height, width = case.image.shape[:2]
-    sizes = _sizes(width, height)
+    sizes = pyramid_sizes(width, height)
     for r, (w, h) in enumerate(reversed(sizes)):
         for i in range(-(-w // TILE) * -(-h // TILE)):
             yield r, i
@@ -715,7 +707,7 @@ def test_visiomatic_info_is_the_same(fitsset: FitsSet, app: IIPApp, name: str) -
     ia, ib = json.loads(a.body), json.loads(b.body)
     height, width, channels = case.image.shape
     assert ia["full_size"] == [width, height]
-    assert ia["tile_levels"] == len(_sizes(width, height))
+    assert ia["tile_levels"] == len(pyramid_sizes(width, height))
     assert ia["channels"] == channels
     assert (ia.pop("image_name"), ib.pop("image_name")) == (case.source, tif)
     assert ia == ib
